@@ -1,0 +1,39 @@
+"""The embedded default end to end (issue 2): run record keys and sane values, skip on re-launch."""
+
+from __future__ import annotations
+
+import json
+
+from pruning.task import run
+
+
+def test_default_runs_end_to_end(make_cfg, tmp_path):
+    cfg = make_cfg()
+    run_dir = tmp_path / "run"
+    data = run(cfg, run_dir)
+    rec = json.loads((run_dir / "result.json").read_text())
+    assert rec == data or rec["status"] == "completed"
+    assert rec["status"] == "completed" and rec["schema"] == 1
+    for key in ("model", "dataset", "method", "noise", "noise_level", "sparsity", "seed", "sweep"):
+        assert key in rec["index"]
+    assert rec["index"]["model"] == "mlp" and rec["index"]["method"] == "magnitude"
+    m = rec["metrics"]
+    for key in ("dense_acc", "dense_loss", "pruned_acc", "pruned_loss", "finetuned_acc", "final_acc",
+                "sparsity_prunable", "sparsity_total", "nnz_prunable", "nnz_total"):
+        assert key in m
+    assert abs(m["sparsity_prunable"] - cfg.sparsity) <= 0.005
+    assert 0.0 <= m["pruned_acc"] <= 1.0 and 0.0 <= m["dense_acc"] <= 1.0
+    assert m["dense_acc"] > 0.9  # a trained MLP on digits
+    assert set(rec["timings"]) >= {"setup", "dense_eval", "prune", "finetune", "eval", "total"}
+    assert rec["env"]["packages"]["torch"]
+    assert (run_dir / "config.resolved.json").is_file()
+
+
+def test_relaunch_skips_completed(make_cfg, tmp_path, capsys):
+    cfg = make_cfg()
+    run(cfg, tmp_path / "run")
+    first = json.loads((tmp_path / "run" / "result.json").read_text())
+    capsys.readouterr()
+    run(cfg, tmp_path / "run")
+    assert "skip" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "result.json").read_text()) == first
