@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader, Subset
 from pruning import config as config_mod
 from pruning import methods
 from pruning import noise as noise_mod
+from pruning.checkpoint import StageCheckpoint
 from pruning.data import DataBundle, build_dataset
 from pruning.errors import ConfigError
-from pruning.gradients import GradientMatrix, compute_gradients, split_blocks
+from pruning.gradients import GradientMatrix, apply_row_noise, build_gradient_matrix, noise_cache_key
 from pruning.layout import ParamLayout, apply_mask, get_flat, make_layout, set_flat, sparsity_stats
 from pruning.methods.base import PruneResult, PruningProblem, TrainContext
 from pruning.models import Classifier, build_model, load_weights
@@ -45,6 +46,7 @@ from pruning.train import (
     evaluate,
     make_loader,
     make_optimizer,
+    make_scheduler,
     train_config,
     train_epoch,
 )
@@ -112,6 +114,7 @@ class Job:
         self.data: DataBundle | None = None
         self.mask: torch.Tensor | None = None
         self.w_dense: torch.Tensor | None = None
+        self.ckpt = StageCheckpoint(self.run_dir)  # state at stage boundaries: resume after preemption
 
     # ----------------------------------------------------------------- plumbing
     def say(self, msg: str) -> None:
@@ -150,7 +153,7 @@ class Job:
         self.record.data["noise"] = self.noise.record()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.run_dir / "config.resolved.json", OmegaConf.to_container(cfg, resolve=True))
-        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.ckpt.begin(self)  # resume from ckpt/state.pt, or start over (clears metrics.jsonl)
         self.record.start()
         self.tracker = build_tracker(cfg.logger)
         try:
@@ -160,21 +163,29 @@ class Job:
         t_all = time.perf_counter()
         with self.stage("setup"):
             self.setup()
+        self.ckpt.restore(self)
         if cfg.task == "train":
             self.save_dense_checkpoint()
         else:
-            with self.stage("dense_eval"):
-                dense = self.eval_now()
-                self.record.update_metrics(dense_acc=dense["acc"], dense_loss=dense["loss"])
-                self.log({"phase": "dense", **dense})
-            with self.stage("prune"):
-                self.prune()
-            with self.stage("finetune"):
-                self.finetune()
+            if not self.ckpt.passed("dense_eval"):
+                with self.stage("dense_eval"):
+                    dense = self.eval_now()
+                    self.record.update_metrics(dense_acc=dense["acc"], dense_loss=dense["loss"])
+                    self.log({"phase": "dense", **dense})
+                self.ckpt.save(self, "dense_eval")
+            if not self.ckpt.passed("prune"):
+                with self.stage("prune"):
+                    self.prune()
+                self.ckpt.save(self, "prune")
+            if not self.ckpt.passed("finetune"):
+                with self.stage("finetune"):
+                    self.finetune()
+                self.ckpt.save(self, "finetune")
             with self.stage("eval"):
                 self.final_eval()
         self.record.set_timing("total", time.perf_counter() - t_all)
         self.record.complete()
+        self.ckpt.clear()
         self.summary()
         return self.record.data
 
@@ -186,6 +197,8 @@ class Job:
         if cfg.get("deterministic", False):
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.data = build_dataset(cfg.dataset, cfg.paths.data_dir)
+        if self.noise is not None:
+            self.noise.bind(self.data)  # e.g. the valid input range for attacks
         model = build_model(cfg.model, self.data)
         prunable = cfg.model.get("prunable")
         self.layout = make_layout(model, list(prunable) if prunable is not None else None)
@@ -222,13 +235,16 @@ class Job:
         model.load_state_dict(build_model(self.cfg.model, self.data).state_dict())  # seeded init
         model.to(self.device)
         opt = make_optimizer(model, tc)
+        sched = make_scheduler(opt, tc)
         loader = make_loader(self.data.train, tc.batch_size, derive_seed(seed, "dense-order"))
         self.say(f"training dense {self.cfg.model.name} on {self.data.name}: {tc.epochs} epochs")
         from tqdm.auto import trange
 
         for epoch in trange(tc.epochs, desc="dense training", disable=not self.progress):
+            lr = opt.param_groups[0]["lr"]
             stats = train_epoch(model, loader, opt, self.device, progress=False)
-            self.log({"phase": "dense_train", "epoch": epoch + 1, **stats})
+            sched.step()
+            self.log({"phase": "dense_train", "epoch": epoch + 1, "lr": lr, **stats})
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{id(self)}")
         torch.save(model.state_dict(), tmp)
@@ -242,7 +258,7 @@ class Job:
         path = self.run_dir / "checkpoint.pt"
         torch.save(self.model.state_dict(), path)
         self.record.update_metrics(dense_acc=dense["acc"], dense_loss=dense["loss"], checkpoint=str(path))
-        self.say(f"dense checkpoint: {path} (test acc {dense['acc']:.4f}); prune it with model.checkpoint={path}")
+        self.say(f"dense checkpoint: {path} (test acc {dense['acc']:.4f}); prune it with \"model.checkpoint='{path}'\"")
 
     # --------------------------------------------------------------- pruning
     def calibration_batch(self, stage: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,13 +280,17 @@ class Job:
     def gradient_matrix(self, stage: int) -> GradientMatrix:
         cal = self.cfg.calibration
         x, y, idx = self.calibration_batch(stage)
-        gen = generator(int(self.cfg.seed), f"noise/{stage}")
-        x = self.noise.calibration_inputs(self.model, x.to(self.device), y.to(self.device), gen)
-        with self.noise.calibration_weights(self.model, self.layout, self.mask, gen):
-            G = compute_gradients(self.model, self.layout, x, y.to(self.device), mini_batch=int(cal.mini_batch),
-                                  chunk_size=int(cal.chunk_size), progress=self.progress)
-        G = self.noise.gradients(G, gen)
-        return split_blocks(G, self.layout, cal.block_size, idx)
+        seed = int(self.cfg.seed)  # one stream per hook: paired draws across methods and noise settings
+        x = self.noise.calibration_inputs(self.model, x.to(self.device), y.to(self.device),
+                                          generator(seed, f"noise/{stage}/inputs"))
+        with self.noise.calibration_weights(self.model, self.layout, self.mask, generator(seed, f"noise/{stage}/weights")):
+            # blocked G through the disk cache, keyed inside the weight-noise context on the noisy inputs
+            G = build_gradient_matrix(self.model, self.layout, x, y.to(self.device), idx, cal,
+                                      cache_dir=Path(self.cfg.paths.cache_dir) / "grads", seed=seed,
+                                      key_extra=noise_cache_key(self.noise, derive_seed(seed, f"noise/{stage}/weights")),
+                                      progress=self.progress)
+        # gradient-row noise acts after the cache
+        return apply_row_noise(G, self.noise, generator(seed, f"noise/{stage}/gradients"))
 
     def prune_step(self, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor) -> PruneResult:
         name = self.cfg.method.name
@@ -321,10 +341,12 @@ class Job:
             s0 = float(sched.get("initial_sparsity", 0.0))
             for t in range(1, T + 1):
                 s_t = cubic_sparsity(t, 1, T, s0, target)
-                t0 = time.perf_counter()
-                anchor = get_flat(self.model, self.layout) if sched.get("reanchor", False) else self.w_dense
-                res = self.prune_step(s_t, t, T, anchor)
-                self.record_stage(t, s_t, res, time.perf_counter() - t0)
+                if not self.ckpt.passed(f"prune/{t}"):
+                    t0 = time.perf_counter()
+                    anchor = get_flat(self.model, self.layout) if sched.get("reanchor", False) else self.w_dense
+                    res = self.prune_step(s_t, t, T, anchor)
+                    self.record_stage(t, s_t, res, time.perf_counter() - t0)
+                    self.ckpt.save(self, f"prune/{t}")
                 if int(sched.get("finetune_epochs", 0)) > 0:
                     self.masked_training(int(sched.finetune_epochs), cfg.finetune if cfg.finetune.epochs else None,
                                          stream=f"stage{t}", phase=f"stage{t}_finetune")
@@ -347,7 +369,7 @@ class Job:
                          momentum=float(sched.momentum), weight_decay=float(sched.weight_decay))
         opt = make_optimizer(self.model, tc)
         loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), "gradual-order"))
-        for epoch in range(epochs):
+        for epoch in range(self.ckpt.resume_loop("gradual", loader, opt), epochs):
             if epoch in prune_epochs:
                 s_t = cubic_sparsity(epoch, prune_epochs[0], prune_epochs[-1], float(sched.initial_sparsity), target)
                 t0 = time.perf_counter()
@@ -357,6 +379,7 @@ class Job:
             stats = train_epoch(self.model, loader, opt, self.device, self.layout, self.mask,
                                 desc=f"gradual epoch {epoch + 1}", progress=self.progress)
             self.log({"phase": "gradual", "epoch": epoch + 1, **stats, **self.eval_now()})
+            self.ckpt.save(self, f"gradual/{epoch + 1}", loader, opt)
 
     def run_train_time_method(self, target: float) -> None:
         name = self.cfg.method.name
@@ -367,8 +390,10 @@ class Job:
         t0 = time.perf_counter()
         res = methods.get(name).run(ctx, mcfg)
         self.model = ctx.model  # a structured method may return a physically smaller model
-        if res.mask is not None and ctx.layout is self.layout:
+        if res.mask is not None and res.mask.numel() == ctx.layout.numel:
             self.mask = res.mask.to(self.device)
+        elif ctx.layout is not self.layout:  # a smaller model: the old mask no longer fits
+            self.mask = torch.ones(ctx.layout.numel, dtype=torch.bool, device=self.device)
         self.layout = ctx.layout
         self.record_stage(1, target, res, time.perf_counter() - t0)
         structured = {k: v for k, v in res.info.items() if k.startswith("structured/")}
@@ -383,10 +408,11 @@ class Job:
         tc = train_config(params, "finetune")
         opt = make_optimizer(self.model, tc)
         loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), f"finetune/{stream}"))
-        for epoch in range(tc.epochs):
+        for epoch in range(self.ckpt.resume_loop(phase, loader, opt), tc.epochs):
             stats = train_epoch(self.model, loader, opt, self.device, self.layout, self.mask,
                                 desc=f"{phase} {epoch + 1}/{tc.epochs}", progress=self.progress)
             self.log({"phase": phase, "epoch": epoch + 1, **stats, **self.eval_now()})
+            self.ckpt.save(self, f"{phase}/{epoch + 1}", loader, opt)
 
     def finetune(self) -> None:
         if int(self.cfg.finetune.epochs) > 0:

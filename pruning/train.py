@@ -6,6 +6,7 @@ optimiser step (and the gradients of pruned weights are zeroed so momentum does 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
+    lr_schedule: str = "none"    # none | cosine (to 0 over `epochs`) | step (x gamma at each milestone)
+    milestones: tuple[int, ...] = ()  # epochs at which `step` multiplies the lr by gamma
+    gamma: float = 0.1
+    warmup_epochs: int = 0       # linear warm-up from lr/warmup_epochs, before the schedule
 
 
 def train_config(cfg: object, key: str) -> TrainConfig:
@@ -38,9 +43,19 @@ def train_config(cfg: object, key: str) -> TrainConfig:
     bad = sorted(set(data) - allowed)
     if bad:
         raise ConfigError(f"{key}.{bad[0]}", data[bad[0]], ", ".join(sorted(allowed)), "is not a known key")
+    if "milestones" in data:
+        data["milestones"] = tuple(int(m) for m in data["milestones"] or ())
     tc = TrainConfig(**data)
     if tc.optimizer not in ("sgd", "adam"):
         raise ConfigError(f"{key}.optimizer", tc.optimizer, "sgd, adam")
+    if tc.lr_schedule not in ("none", "cosine", "step"):
+        raise ConfigError(f"{key}.lr_schedule", tc.lr_schedule, "none, cosine, step")
+    if tc.lr_schedule == "step" and (not tc.milestones or list(tc.milestones) != sorted(set(tc.milestones))):
+        raise ConfigError(f"{key}.milestones", list(tc.milestones), "increasing epochs, e.g. [100, 150], "
+                          "when lr_schedule=step")
+    if tc.gamma <= 0 or not 0 <= tc.warmup_epochs <= max(tc.epochs, 0):
+        raise ConfigError(key, {"gamma": tc.gamma, "warmup_epochs": tc.warmup_epochs},
+                          "gamma > 0, 0 <= warmup_epochs <= epochs", "has an invalid value")
     if tc.epochs < 0 or tc.batch_size <= 0 or tc.lr <= 0:
         raise ConfigError(key, {"epochs": tc.epochs, "batch_size": tc.batch_size, "lr": tc.lr},
                           "epochs >= 0, batch_size > 0, lr > 0", "has an invalid value")
@@ -52,6 +67,24 @@ def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum,
                            weight_decay=tc.weight_decay, nesterov=tc.nesterov and tc.momentum > 0)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning-rate schedule of `tc` (call `.step()` once after every epoch)."""
+    warm = tc.warmup_epochs
+    milestones = sorted(tc.milestones)
+
+    def factor(epoch: int) -> float:
+        if epoch < warm:
+            return (epoch + 1) / warm
+        if tc.lr_schedule == "cosine":
+            span = max(tc.epochs - warm, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(epoch - warm, span) / span))
+        if tc.lr_schedule == "step":
+            return tc.gamma ** sum(epoch >= m for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 @torch.no_grad()

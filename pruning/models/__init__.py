@@ -1,15 +1,29 @@
 """Models. `build_model` returns a `Classifier`: input normalisation (buffers) + the network.
 
-Registry keys (config group `model`, one module each, each with `build(cfg, data) -> nn.Module`):
-  mlp        small MLP for the embedded digits default
+Registry keys (config group `model`, conf/model/<key>.yaml; each module has
+`build(cfg, data) -> nn.Module`):
+  mlp          small MLP for the embedded digits default                     mlp.py
+  mlpnet       MLPNet 784-40-20-10, no biases (WoodFisher/CBS/CHITA MNIST)   mlpnet.py
+  resnet20     CIFAR ResNet-20, option-A shortcuts (akamaster checkpoints)   resnet_cifar.py
+  resnet32     CIFAR ResNet-32                                               resnet_cifar.py
+  resnet56     CIFAR ResNet-56                                               resnet_cifar.py
+  vgg16        VGG-16 with batch norm for CIFAR                              vgg.py
+  wrn28_10     Wide ResNet 28-10 for CIFAR                                   wide_resnet.py
+  mobilenetv1  MobileNetV1 for ImageNet (STR/WoodFisher layout)              mobilenet.py
+  mobilenetv2  MobileNetV2 for ImageNet (torchvision)                        mobilenet.py
+  resnet50     ResNet-50 for ImageNet (torchvision)                          resnet_imagenet.py
 
-Prunable tensors: a network may define `prunable_names()` (names inside the network); the
-default is every Linear/Conv weight. `model.prunable` in the config overrides it with glob
+Prunable tensors: each network defines `prunable_names()` (names inside the network; the
+fallback is every Linear/Conv weight). `model.prunable` in the config overrides it with glob
 patterns over the Classifier's parameter names (e.g. "net.layer*.conv*.weight").
+
+Normalisation: the dataset's mean/std, unless `model.normalize` gives `{mean: [...], std: [...]}`
+(a checkpoint trained with other statistics, e.g. the public CIFAR ResNets).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +38,15 @@ from pruning.layout import default_prunable
 
 _MODULES = {
     "mlp": "pruning.models.mlp",
+    "mlpnet": "pruning.models.mlpnet",
+    "resnet20": "pruning.models.resnet_cifar",
+    "resnet32": "pruning.models.resnet_cifar",
+    "resnet56": "pruning.models.resnet_cifar",
+    "vgg16": "pruning.models.vgg",
+    "wrn28_10": "pruning.models.wide_resnet",
+    "mobilenetv1": "pruning.models.mobilenet",
+    "mobilenetv2": "pruning.models.mobilenet",
+    "resnet50": "pruning.models.resnet_imagenet",
 }
 
 
@@ -60,12 +83,36 @@ def available() -> list[str]:
     return sorted(_MODULES)
 
 
+def image_channels(data: DataBundle, model_name: str) -> int:
+    """Number of input channels of image data shaped (C, H, W); ConfigError for other data."""
+    if len(data.input_shape) != 3:
+        raise ConfigError("dataset", data.name, "image data shaped (channels, height, width)",
+                          f"has input shape {tuple(data.input_shape)}, which model={model_name} cannot take")
+    return int(data.input_shape[0])
+
+
+def _normalization(cfg: Mapping[str, Any], data: DataBundle) -> DataBundle:
+    """`data` with `model.normalize` (if given) replacing the dataset's mean and std."""
+    norm = cfg.get("normalize")
+    if norm is None:
+        return data
+    allowed = (f"null (the dataset's statistics) or {{mean: [...], std: [...]}} with one positive std per "
+               f"channel ({len(data.mean)} for dataset={data.name})")
+    try:
+        mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("model.normalize", norm, allowed) from None
+    if len(mean) != len(data.mean) or len(std) != len(data.std) or min(std) <= 0:
+        raise ConfigError("model.normalize", {"mean": list(mean), "std": list(std)}, allowed)
+    return dataclasses.replace(data, mean=mean, std=std)
+
+
 def build_model(cfg: Mapping[str, Any], data: DataBundle) -> Classifier:
     name = cfg["name"]
     if name not in _MODULES:
         raise ConfigError("model", name, ", ".join(available()))
     module = importlib.import_module(_MODULES[name])
-    return Classifier(module.build(cfg, data), data)
+    return Classifier(module.build(cfg, data), _normalization(cfg, data))
 
 
 def load_weights(model: Classifier, path: str | Path) -> dict[str, Any]:
@@ -85,9 +132,35 @@ def load_weights(model: Classifier, path: str | Path) -> dict[str, Any]:
     if isinstance(blob, Mapping) and "state_dict" in blob:
         state = blob["state_dict"]
         extra = {k: v for k, v in blob.items() if k != "state_dict"}
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError("model.checkpoint", str(path), "a file holding a state dict (name -> tensor), "
+                          "optionally wrapped as {'state_dict': ...}", "holds something else")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    if any(k.startswith("net.") for k in state):
-        model.load_state_dict(state)
-    else:
-        model.net.load_state_dict(state)
+    target = model if any(k.startswith("net.") for k in state) else model.net
+    problems = _mismatch(target.state_dict(), state)
+    if problems:
+        raise ConfigError("model.checkpoint", str(path), f"a state dict of {type(model.net).__name__} (the "
+                          "configured model; check model=...)", "does not fit the model: " + "; ".join(problems))
+    target.load_state_dict(state)
     return extra
+
+
+def _mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """Short description of missing, unexpected and wrongly shaped keys (first few of each)."""
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+
+    # BatchNorm fills a missing num_batches_tracked itself (older checkpoints lack it)
+    missing = [k for k in expected if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in given
+              if k in expected and given[k].shape != expected[k].shape]
+    out = []
+    if missing:
+        out.append(f"missing {few(missing)}")
+    if unexpected:
+        out.append(f"unexpected {few(unexpected)}")
+    if shapes:
+        out.append(f"shape mismatch {few(shapes)}")
+    return out

@@ -1,35 +1,62 @@
 """Noise models: one axis of a study, selected as `noise=<kind>` (config group `noise`).
 
-Keys:
+Keys (one module and one `conf/noise/<kind>.yaml` each):
   none         no perturbation
-  gradient     noise on the rows of G (SWAP's entry noise; outlier samples)
-  analog       phase-change-memory weight perturbation (programming, drift, read noise)
-  adversarial  FGSM / PGD inputs (calibration and/or evaluation)
+  gradient     noise on the rows of G: SWAP's entry noise (You & Cheng, ICLR 2024) or outlier
+               samples (pruning/noise/gradient.py)
+  analog       phase-change-memory weight perturbation: programming noise, drift, read noise
+               (Nandakumar et al., ICECS 2019; aihwkit PCMLikeNoiseModel) (pruning/noise/analog.py)
+  adversarial  FGSM (Goodfellow et al., ICLR 2015) / PGD (Madry et al., ICLR 2018) inputs, on the
+               calibration data and/or at evaluation (pruning/noise/adversarial.py)
 
-A noise model acts at up to four hook points of a run, each with its own generator derived from
-the run seed (paired draws: methods compared in one sweep see the same noise for one seed):
-  calibration_inputs(model, x, y, gen) -> x          inputs used to compute G
-  calibration_weights(model, layout, mask, gen)      context manager: weights used to compute G
-  gradients(G, gen) -> G                             rows of the gradient matrix
-  evaluate(model, data, layout, mask, device, gen)   extra metrics of the final model
-`record()` returns its parameters for the run record; `level` is its main level for the index.
+A noise model acts at up to four hook points of a run (after `bind(data)`, called once the
+run's data is loaded). The task passes each hook its own
+generator, derived from the run seed and a stream name (`pruning.task.generator`):
+  calibration_inputs(model, x, y, gen) -> x          inputs used to compute G     "noise/<stage>/inputs"
+  calibration_weights(model, layout, mask, gen)      context manager: weights     "noise/<stage>/weights"
+                                                     used to compute G, restored after
+  gradients(G, gen) -> G                             rows of the dense G (N x p)  "noise/<stage>/gradients"
+  evaluate(model, data, layout, mask, device, gen)   extra final metrics          "noise/eval"
+Paired draws: every random number comes from the generator passed in (never the global RNG),
+and how many numbers a hook draws depends only on shapes, never on the weights or the mask, so
+methods compared in one sweep see the same noise for one seed.
+
+`level` is the model's main level for the run index (`index.noise_level`): none 0, gradient
+kappa, analog prog_noise_scale, adversarial eps. `record()` returns the parameters for the run
+record (`result.json: noise`).
+
+Final metric keys added by `evaluate` (flat, in `result.json: metrics`); numbers in keys are
+formatted by `metric_number` (`%g`: 3600 -> "3600", 8/255 -> "0.0313725"):
+  gradient     gradient/nsr_measured, gradient/snr_db_measured (noise power / signal power of
+               all G rows drawn in the run), gradient/rows_noised
+  analog       analog/acc_mean@t=<t>, analog/acc_std@t=<t>, analog/loss_mean@t=<t>,
+               analog/loss_std@t=<t>, analog/weight_rel_err@t=<t> for each t in t_inference
+  adversarial  robust_acc@eps=<eps>, robust_loss@eps=<eps> for each eps in eval_eps
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from pruning.errors import ConfigError
 
 _MODULES = {
     "none": "pruning.noise",
+    "gradient": "pruning.noise.gradient",
+    "analog": "pruning.noise.analog",
+    "adversarial": "pruning.noise.adversarial",
 }
+
+T = TypeVar("T")
 
 
 class NoiseModel:
@@ -40,6 +67,10 @@ class NoiseModel:
     @property
     def level(self) -> float:
         return 0.0
+
+    def bind(self, data: Any) -> None:
+        """Called once the run's data is loaded (`DataBundle`), before any hook; e.g. attacks take
+        the valid input range `data.bounds` from it."""
 
     def calibration_inputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                            gen: torch.Generator) -> torch.Tensor:
@@ -61,11 +92,119 @@ class NoiseModel:
         return {"kind": self.kind}
 
 
+def available() -> list[str]:
+    return sorted(_MODULES)
+
+
 def build(cfg: Mapping[str, Any]) -> NoiseModel:
     kind = cfg.get("kind", "none")
     if kind == "none":
         return NoiseModel()
     if kind not in _MODULES:
-        raise ConfigError("noise", kind, ", ".join(sorted(_MODULES)))
+        raise ConfigError("noise.kind", kind, ", ".join(available()))
     module = importlib.import_module(_MODULES[kind])
     return module.build(cfg)
+
+
+# ------------------------------------------------------------------ helpers for the noise modules
+def plain(cfg: Any) -> Any:
+    """A plain dict/list copy of an OmegaConf node (or of a mapping)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return {k: plain(v) for k, v in cfg.items()}
+    return cfg
+
+
+def parse_config(cls: type[T], cfg: Mapping[str, Any] | Any, prefix: str = "noise") -> T:
+    """`cls(**cfg)` for a dataclass `cls`, without `kind`; an unknown key is a ConfigError naming
+    the allowed keys. Nested dataclass fields are parsed recursively under `prefix.<field>`."""
+    data = dict(plain(cfg))
+    data.pop("kind", None)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    bad = sorted(set(data) - set(fields))
+    if bad:
+        raise ConfigError(f"{prefix}.{bad[0]}", data[bad[0]], ", ".join(sorted(fields)), "is not a known key")
+    for name, value in list(data.items()):
+        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        if default is not None and dataclasses.is_dataclass(default):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}.{name}", value, "a mapping of " + ", ".join(
+                    f.name for f in dataclasses.fields(default)))
+            data[name] = parse_config(default, value, f"{prefix}.{name}")
+    return cls(**data)
+
+
+def number(value: Any, key: str, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False) -> float:
+    """A float from a number or a fraction string such as "8/255" (handy on the command line)."""
+    out: float | None = None
+    if isinstance(value, bool):
+        out = None
+    elif isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        try:
+            if "/" in value:
+                num, den = value.split("/", 1)
+                out = float(num) / float(den)
+            else:
+                out = float(value)
+        except (ValueError, ZeroDivisionError):
+            out = None
+    bounds = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+    if out is None or not math.isfinite(out):
+        raise ConfigError(key, value, f"a number in {bounds} (or a fraction such as 8/255)", "is not a number")
+    if (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and out > hi):
+        raise ConfigError(key, value, f"a number in {bounds}", "is out of range")
+    return out
+
+
+def integer(value: Any, key: str, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(key, value, f"an integer >= {lo}")
+    return int(value)
+
+
+def numbers(value: Any, key: str, lo: float | None = None, hi: float | None = None) -> tuple[float, ...]:
+    """A non-empty list of numbers (a single number is a list of one)."""
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not items:
+        raise ConfigError(key, value, "a non-empty list of numbers", "is empty")
+    return tuple(number(v, f"{key}[{i}]", lo, hi) for i, v in enumerate(items))
+
+
+def choice(value: Any, key: str, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(key, value, ", ".join(allowed))
+    return str(value)
+
+
+def apply_to(value: Any, key: str, allowed: Iterable[str] = ("calibration", "eval")) -> tuple[str, ...]:
+    """A list of hook names (a single name or an empty list are fine)."""
+    allowed = tuple(allowed)
+    items = [value] if isinstance(value, str) else list(value or [])
+    for v in items:
+        if v not in allowed:
+            raise ConfigError(key, v, ", ".join(allowed) + " (a list of them)")
+    return tuple(dict.fromkeys(items))
+
+
+def metric_number(x: float) -> str:
+    """How a number is written inside a metric key: `%g` (3600 -> 3600, 8/255 -> 0.0313725)."""
+    return f"{float(x):g}"
+
+
+def draw_normal(shape: tuple[int, ...] | torch.Size, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normals from `gen` (on its device), moved to `like`'s device and dtype."""
+    return torch.randn(tuple(shape), generator=gen, device=gen.device,
+                       dtype=torch.float64 if like.dtype == torch.float64 else torch.float32
+                       ).to(device=like.device, dtype=like.dtype)
+
+
+def draw_uniform(shape: tuple[int, ...] | torch.Size, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) from `gen` (on its device), moved to `like`'s device and dtype."""
+    return torch.rand(tuple(shape), generator=gen, device=gen.device,
+                      dtype=torch.float64 if like.dtype == torch.float64 else torch.float32
+                      ).to(device=like.device, dtype=like.dtype)

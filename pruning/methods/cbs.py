@@ -1,0 +1,275 @@
+"""CBS, the Combinatorial Brain Surgeon: Yu, Serra, Ramalingam & Zhe, "The Combinatorial Brain
+Surgeon: Pruning Weights That Cancel One Another in Neural Networks", ICML 2022
+(algorithms.md section 4).
+
+Selection (CBS-S) minimises the loss increase of zeroing a set I without compensation,
+
+  Phi(I) = w_I^T F_II w_I = (1/N) sum_b ||G_b (w . 1_I)_b||^2,   F = (1/N) G^T G    (CBS eq. 4)
+
+(block-diagonal over the Fisher blocks; F is never formed, everything comes from columns of G
+and the per-block residuals r_b = G_b (w . 1_I)_b). Starting point: randomized magnitude
+pruning (RMP): shuffle the coordinates, cut them into n_c = min(sqrt(p), 1000) chunks and keep
+the largest magnitudes of each chunk (`init_trials` draws, the best Phi wins). Local search:
+
+  alpha_i = w_i (2 F_{i,I} w_I) - F_ii w_i^2     (i in I: Phi(I) - Phi(I \\ i))
+  beta_j  = w_j (2 F_{j,I} w_I) + F_jj w_j^2     (j not in I: Phi(I + j) - Phi(I))
+  gamma_ij = 2 w_i w_j F_ij,  Phi(I - i + j) - Phi(I) = beta_j - alpha_i - gamma_ij
+
+Each pass sorts I by alpha (descending) and the kept set J by beta_j - gamma_{j,I[0]}
+(ascending); for the i at position t it scans the j at positions [t - range, t + range] and
+takes the first swap whose exact change of Phi (computed in O(N) from the current residuals, so
+every accepted swap lowers Phi by more than `epsilon`) is below -epsilon; a pass stops after
+`max_no_match` consecutive i without a swap; passes repeat (alpha, beta refreshed) up to
+`max_iter` times or until a pass makes no swap.
+
+Update (CBS-U) is the exact multi-weight OBS on the dampened block Fisher F = lambda I + G^T G / N:
+
+  delta = -F^-1[:, I] (F^-1[I, I])^-1 w_I                                           (CBS eq. 6)
+
+computed in the equivalent form delta_I = -w_I, delta_K = F_KK^-1 F_KI w_I over the kept set K
+of each block, with F_KI w_I = (1/N) G_K^T (G_I w_I) and F_KK^-1 by the WoodFisher block inverse
+(the N x N Woodbury form when N < |K|): no |I| x |I| system and no B x B matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pruning.errors import ConfigError
+from pruning.gradients import GradientMatrix
+from pruning.layout import ParamLayout, num_kept
+from pruning.methods.base import PruneResult, PruningProblem
+from pruning.methods.woodfisher import DTYPES, BlockInverse, masked_block, method_blocks, validate_common
+
+NEEDS_GRADIENTS = True
+
+
+@dataclass(frozen=True)
+class Config:
+    damp: float = 1e-5                  # lambda of the CBS-U Fisher (ResNet20 scripts 1e-5; MLPNet 1e-3)
+    scope: str = "global"               # global (one pruned set over all tensors) | layerwise
+    block_size: int | str | None = None  # Fisher blocks: null = G's blocks | B | "full"
+    epsilon: float = 1e-4               # swap threshold on the decrease of Phi (README)
+    range: int = 10                     # rho: j window around i's rank (README)
+    max_no_match: int = 20              # tau: consecutive i without a swap that end a pass (README)
+    max_iter: int = 100                 # passes of the local search (greedy_options.py)
+    init_trials: int = 1                # RMP draws; the one with the smallest Phi starts the search
+    update: bool = True                 # CBS-U weight update (false = CBS-S, selection only)
+    update_scale: float = 1.0           # scale of the update (the CBS-U scripts use 1)
+    dtype: str = "float64"              # precision of the CBS-U block algebra
+
+    def validate(self) -> None:
+        validate_common(self)
+        e = self.epsilon
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
+            raise ConfigError("method.epsilon", e, "a number >= 0")
+        for key, lo in (("range", 0), ("max_no_match", 1), ("max_iter", 0), ("init_trials", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"method.{key}", v, f"an integer >= {lo}")
+        if not isinstance(self.update, bool):
+            raise ConfigError("method.update", self.update, "true, false")
+
+
+class SwapObjective:
+    """Phi over the Fisher blocks, from column views of G (numpy, no copy of G is made)."""
+
+    def __init__(self, G: GradientMatrix, blocks: list[slice]):
+        self.blocks = blocks
+        self.N = G.num_rows
+        self.cols = [G.columns(sl).detach().cpu().numpy() for sl in blocks]
+        sizes = np.array([sl.stop - sl.start for sl in blocks])
+        starts = np.array([sl.start for sl in blocks])
+        self.bid = np.repeat(np.arange(len(blocks)), sizes)
+        self.loc = np.arange(int(sizes.sum())) - np.repeat(starts, sizes)
+        self.csq = np.concatenate([np.einsum("ij,ij->j", c, c, dtype=np.float64) for c in self.cols])
+
+    def residuals(self, u: np.ndarray) -> np.ndarray:
+        """R[:, b] = G_b u_b, shape (N, number of blocks)."""
+        R = np.empty((self.N, len(self.blocks)))
+        for b, (sl, c) in enumerate(zip(self.blocks, self.cols)):
+            R[:, b] = c @ u[sl] if sl.stop > sl.start else 0.0
+        return R
+
+    def phi(self, R: np.ndarray) -> float:
+        return float(np.einsum("ij,ij->", R, R)) / self.N
+
+    def correlations(self, R: np.ndarray) -> np.ndarray:
+        """t_q = g_q^T r_{b(q)} for every coordinate."""
+        return np.concatenate([c.T @ R[:, b] for b, c in enumerate(self.cols)])
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """Columns idx of G, (N, len(idx)) in float64."""
+        b = self.bid[idx]
+        if (b == b[0]).all():
+            return self.cols[b[0]][:, self.loc[idx]].astype(np.float64)
+        out = np.empty((self.N, len(idx)))
+        for ub in np.unique(b):
+            sel = b == ub
+            out[:, sel] = self.cols[ub][:, self.loc[idx[sel]]]
+        return out
+
+
+def objective(G: GradientMatrix, blocks: list[slice], w: np.ndarray, pruned: np.ndarray) -> float:
+    """Phi(I) for the boolean pruned set I."""
+    obj = SwapObjective(G, blocks)
+    return obj.phi(obj.residuals(np.where(pruned, w, 0.0)))
+
+
+def rmp_keep(w_abs: np.ndarray, group: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Randomized magnitude pruning over the coordinates `group`: the kept coordinates (exactly k).
+
+    Chunk c of n_c = min(floor(sqrt(n)), 1000) random chunks keeps floor(k n_c_len / n) of its
+    largest |w|, the remainder going to the chunks with the largest fractional parts."""
+    n = len(group)
+    if k <= 0 or n == 0:
+        return group[:0]
+    n_c = max(1, min(int(math.isqrt(n)), 1000))
+    chunks = np.array_split(group[rng.permutation(n)], n_c)
+    exact = np.array([k * len(c) / n for c in chunks])
+    counts = np.floor(exact + 1e-9).astype(int)
+    extra = k - int(counts.sum())
+    if extra > 0:
+        counts[np.argsort(-(exact - counts), kind="stable")[:extra]] += 1
+    kept = [c[np.argsort(-w_abs[c], kind="stable")[:cnt]] for c, cnt in zip(chunks, counts)]
+    return np.concatenate(kept)
+
+
+def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: list[np.ndarray],
+                 cfg: Config, progress: bool = False) -> tuple[np.ndarray, dict[str, float | int]]:
+    """The CBS swap search; returns the new pruned set (a copy) and statistics. Swaps stay inside a
+    group (all coordinates for global scope, one tensor for layerwise), so the size of the pruned
+    set of every group is preserved and every accepted swap lowers Phi by more than epsilon."""
+    pruned = pruned.copy()
+    N, wsq = obj.N, w * w
+    R = obj.residuals(np.where(pruned, w, 0.0))
+    phi0 = obj.phi(R)
+    swaps_total, passes = 0, 0
+    bar = tqdm(total=cfg.max_iter, desc="cbs local search", leave=False, disable=not progress)
+    for _ in range(cfg.max_iter):
+        passes += 1
+        t = obj.correlations(R)
+        alpha = (2.0 * w * t - wsq * obj.csq) / N
+        beta = (2.0 * w * t + wsq * obj.csq) / N
+        swaps = 0
+        for group in groups:
+            drop, J = group[pruned[group]], group[~pruned[group]]
+            if len(drop) == 0 or len(J) == 0:
+                continue
+            drop = drop[np.argsort(-alpha[drop], kind="stable")]
+            i0 = drop[0]
+            gamma0 = np.zeros(len(J))
+            same = obj.bid[J] == obj.bid[i0]
+            if same.any():
+                gi0 = obj.gather(np.array([i0]))[:, 0]
+                gamma0[same] = 2.0 / N * w[i0] * w[J[same]] * (obj.gather(J[same]).T @ gi0)
+            J = J[np.argsort(beta[J] - gamma0, kind="stable")]
+            used = np.zeros(len(J), dtype=bool)
+            no_match = 0
+            for pos, i in enumerate(drop):
+                lo, hi = max(0, pos - cfg.range), min(len(J), pos + cfg.range + 1)
+                cand = np.arange(lo, hi)[~used[lo:hi]] if lo < hi else np.arange(0)
+                found = -1
+                if len(cand):
+                    js = J[cand]
+                    bi, bj = obj.bid[i], obj.bid[js]
+                    gi = obj.gather(np.array([i]))[:, 0]
+                    Gj = obj.gather(js)
+                    si = gi @ R[:, bi]
+                    sj = np.einsum("ij,ij->j", Gj, R[:, bj])
+                    cross = np.where(bj == bi, Gj.T @ gi, 0.0)
+                    delta = (-2.0 * w[i] * si + wsq[i] * obj.csq[i] + 2.0 * w[js] * sj + wsq[js] * obj.csq[js]
+                             - 2.0 * w[i] * w[js] * cross) / N
+                    hits = np.nonzero(delta < -cfg.epsilon)[0]
+                    if len(hits):
+                        found = int(hits[0])
+                if found < 0:
+                    no_match += 1
+                    if no_match >= cfg.max_no_match:
+                        break
+                    continue
+                j = int(js[found])
+                pruned[i], pruned[j] = False, True
+                R[:, bi] -= w[i] * gi
+                R[:, obj.bid[j]] += w[j] * Gj[:, found]
+                used[cand[found]] = True
+                swaps += 1
+                no_match = 0
+        swaps_total += swaps
+        bar.update(1)
+        if swaps == 0:
+            break
+    bar.close()
+    R = obj.residuals(np.where(pruned, w, 0.0))  # exact, not accumulated
+    return pruned, {"phi_init": phi0, "phi": obj.phi(R), "swaps": swaps_total, "passes": passes}
+
+
+def cbs_update(G: GradientMatrix, blocks: list[slice], w: torch.Tensor, mask0: torch.Tensor, mask: torch.Tensor,
+               damp: float, dtype: torch.dtype, progress: bool = False) -> torch.Tensor:
+    """The exact multi-weight OBS step delta (CBS-U) per Fisher block, for the newly pruned set
+    I = mask0 & ~mask (weights pruned before stay zero): delta_I = -w_I and
+    delta_K = F_KK^-1 (1/N) G_K^T G_I w_I on the kept set K; zero elsewhere."""
+    delta = torch.zeros_like(w)
+    pruned = mask0 & ~mask
+    N = G.num_rows
+    for sl in tqdm(blocks, desc="cbs update", leave=False, disable=not progress):
+        idx_i = torch.nonzero(pruned[sl]).squeeze(1)
+        if len(idx_i) == 0:
+            continue
+        idx_k = torch.nonzero(mask[sl]).squeeze(1)
+        Gb = masked_block(G, sl, mask0, w.device, dtype)
+        wI = w[sl][idx_i]
+        delta[sl.start + idx_i] = -wI
+        if len(idx_k) == 0:
+            continue
+        GK = Gb[:, idx_k]
+        rhs = GK.T @ (Gb[:, idx_i] @ wI) / N
+        delta[sl.start + idx_k] = BlockInverse(GK, damp, "auto", dtype).matvec(rhs)
+    return delta
+
+
+def _groups(layout: ParamLayout, scope: str) -> list[np.ndarray]:
+    if scope == "global":
+        return [np.arange(layout.numel)]
+    return [np.arange(sl.start, sl.stop) for sl in layout.slices()]
+
+
+def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
+    G = problem.grads
+    if G is None:
+        raise ValueError("cbs needs the gradient matrix (problem.grads)")
+    layout, dtype = problem.layout, DTYPES[cfg.dtype]
+    blocks = method_blocks(layout, G, cfg.block_size)
+    mask0 = problem.mask.detach().cpu().to(torch.bool)
+    w_t = problem.w.detach().cpu().to(torch.float64) * mask0
+    w = w_t.numpy()
+    groups = _groups(layout, cfg.scope)
+    seed = 0 if problem.generator is None else int(torch.randint(2**62, (1,), generator=problem.generator))
+    obj = SwapObjective(G, blocks)
+    best, best_phi = None, math.inf
+    for trial in range(cfg.init_trials):
+        rng = np.random.default_rng([seed, trial])
+        pruned = np.ones(layout.numel, dtype=bool)
+        for g in groups:
+            pruned[rmp_keep(np.abs(w), g, num_kept(len(g), sparsity), rng)] = False
+        phi = obj.phi(obj.residuals(np.where(pruned, w, 0.0)))
+        if phi < best_phi:
+            best, best_phi = pruned, phi
+    pruned, stats = local_search(obj, w, best, groups, cfg, progress=layout.numel > 50_000)
+    mask = torch.from_numpy(~pruned)
+    new_w = w_t.clone()
+    if cfg.update and cfg.update_scale != 0:
+        dev = G.device
+        delta = cbs_update(G, blocks, w_t.to(dev, dtype), mask0.to(dev), mask.to(dev), cfg.damp, dtype,
+                           progress=len(blocks) >= 4)
+        new_w += cfg.update_scale * delta.cpu().to(torch.float64)
+    new_w = new_w * mask
+    info = {"phi_rmp": stats["phi_init"], "phi": stats["phi"], "swaps": stats["swaps"],
+            "passes": stats["passes"], "blocks": len(blocks)}
+    return PruneResult(w=new_w.to(device=problem.w.device, dtype=problem.w.dtype),
+                       mask=mask.to(problem.mask.device), info=info)

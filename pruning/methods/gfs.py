@@ -1,0 +1,393 @@
+"""Greedy Forward Selection, GFS (Ye, Gong, Nie, Zhou, Klivans, Liu, "Good Subnetworks Provably
+Exist: Pruning via Greedy Forward Selection", ICML 2020; algorithms.md section 9).
+
+Mean-field view of a layer with D channels h_1..h_D: the next layer sees sum_i D alpha_i h_i with
+alpha in the simplex; dense alpha = 1/D, a subnetwork S has alpha_i = 1/|S| on S, so every kept
+channel is scaled by D/|S| (kept in the network and folded into the next layer at the end).
+Greedy forward selection, one layer at a time from input to output:
+
+  S_0 = {},  S_{n+1} = S_n U { argmin_{i in C_n} L(f_{S_n U {i}}; batch_n) }
+
+with C_n a random pool of `num_evaluate` (50) channels not yet selected and batch_n a fresh
+mini-batch (128) of the calibration data. Stopping rule (`budget`):
+  accuracy  when the batch top-1 reaches (1 - skip_eval_converge) init_top1, the top-1 on a fixed
+            eval-train subset is measured; stop once it is >= (1 - top1_tol) init_top1, where init
+            is the layer's starting network (the reference `mobile2_prune.py`). If every channel
+            gets added the layer is restored to dense.
+  width     exactly ceil(width D) channels per layer
+  flops     a uniform width ratio chosen by bisection so that the MACs of the pruned network are
+            at most flops_ratio of the dense MACs (pruning/flops.py)
+  params    the same for the prunable parameters, at the run's `sparsity` (keep 1 - sparsity)
+Optional SGD fine-tuning after every layer (reference: 0.1 epoch, lr 2.5e-3, wd 4e-5, no
+momentum) and at the end.
+
+Layers are the removable channel groups of pruning/structured.py (MLP hidden units; inner
+channels of ResNet basic/bottleneck blocks; MobileNet expanded / pointwise channels through the
+depthwise conv; VGG convs), optionally filtered with `layers` (globs over producer module names).
+The alpha-mask is a forward pre-hook on the consumer's input. Scoring: the activations entering
+the consumer are computed once per step (`SuffixRunner.capture`) and the part of the network
+downstream of them runs once for all candidates, stacked along the batch axis; the prefix is
+never re-run per candidate. Scoring runs in eval mode (BN running statistics).
+
+Noise: the scoring batches go through the noise model's input hook and the scoring forward runs
+under its weight hook; fine-tuning steps run under all hooks (pruning.optim.noisy_backward).
+
+Output: a physically smaller model (`shrink: true`; the D/|S| scale folded into the consumer's
+weights, exactly the masked function) or the same shapes with removed channels zeroed and masked,
+and `structured/...` metrics: channels kept per layer, MACs and parameters kept and their ratios.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from pruning import flops, structured
+from pruning.errors import ConfigError
+from pruning.layout import get_flat
+from pruning.methods.base import PruneResult, TrainContext
+from pruning.methods.grda import example_input
+from pruning.methods.sdprun import find_groups
+from pruning.optim import stream_generators, train_loop
+
+KIND = "train"
+NEEDS_GRADIENTS = False
+BUDGETS = ("accuracy", "width", "flops", "params")
+
+
+@dataclass(frozen=True)
+class Config:
+    budget: str = "accuracy"           # accuracy | width | flops | params (see the module docstring)
+    top1_tol: float = 0.02             # accuracy: stop at >= (1 - tol) of the layer's initial top-1
+    skip_eval_converge: float = 0.05   # accuracy: check the eval subset once batch top-1 >= (1 - this) init
+    width: float = 0.5                 # width: fraction of channels kept in every layer
+    flops_ratio: float = 0.5           # flops: MACs kept / dense MACs
+    batch_size: int = 128              # scoring mini-batch
+    num_evaluate: int = 50             # candidates scored per step
+    eval_size: int = 1024              # eval-train subset (every k-th calibration example)
+    candidate_chunk: int = 0           # candidates per batched forward (0 = all at once)
+    layers: Any = None                 # globs over group names (producer modules); null = every group
+    layer_finetune_epochs: float = 0.1
+    final_finetune_epochs: float = 0.0
+    lr: float = 2.5e-3
+    momentum: float = 0.0
+    weight_decay: float = 4e-5
+    finetune_batch_size: int = 128
+    shrink: bool = True
+    noise_hooks: bool = True
+
+    def validate(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ConfigError("method.budget", self.budget, ", ".join(BUDGETS))
+        for key in ("top1_tol", "skip_eval_converge"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"method.{key}", v, "a number in [0, 1)")
+        for key in ("width", "flops_ratio"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+                raise ConfigError(f"method.{key}", v, "a number in (0, 1]")
+        for key in ("batch_size", "num_evaluate", "eval_size", "finetune_batch_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"method.{key}", v, "a positive integer")
+        if not isinstance(self.candidate_chunk, int) or self.candidate_chunk < 0:
+            raise ConfigError("method.candidate_chunk", self.candidate_chunk, "an integer >= 0 (0 = all)")
+        for key in ("layer_finetune_epochs", "final_finetune_epochs", "momentum", "weight_decay"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"method.{key}", v, "a number >= 0")
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ConfigError("method.lr", self.lr, "a number > 0")
+
+
+# ------------------------------------------------------------------------------ scoring
+class LayerScorer:
+    """Loss and top-1 of the network with one group's channels scaled by alpha vectors, many at
+    once, from the cached activations entering the group's consumer."""
+
+    def __init__(self, gm: fx.GraphModule, group: structured.ChannelGroup,
+                 loss_fn: Callable[..., torch.Tensor] = F.cross_entropy, chunk: int = 0):
+        modules = dict(gm.named_modules())
+        self.group = group
+        self.runner = structured.SuffixRunner(gm, group, isinstance(modules[group.consumer], nn.Linear))
+        self.loss_fn = loss_fn
+        self.chunk = chunk
+
+    def capture(self, x: torch.Tensor) -> dict[Any, Any]:
+        return self.runner.capture(x)
+
+    @torch.no_grad()
+    def score(self, values: dict[Any, Any], y: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss and top-1 on (values, y) for each row of `scales` (K, D)."""
+        k = scales.shape[0]
+        step = self.chunk if self.chunk > 0 else k
+        losses, top1 = [], []
+        b = int(y.shape[0])
+        for s in range(0, k, step):
+            sc = scales[s:s + step]
+            out = self.runner.run_suffix(values, sc)
+            yk = y.repeat(sc.shape[0])
+            losses.append(self.loss_fn(out, yk, reduction="none").view(sc.shape[0], b).mean(1))
+            top1.append((out.argmax(1) == yk).float().view(sc.shape[0], b).mean(1))
+        return torch.cat(losses), torch.cat(top1)
+
+
+def alpha_scale(selected: Sequence[int], size: int, extra: int | None = None) -> torch.Tensor:
+    """D alpha for S = selected (+ extra): D/|S| on S, 0 elsewhere."""
+    s = torch.zeros(size)
+    idx = list(selected) + ([extra] if extra is not None else [])
+    s[idx] = size / len(idx)
+    return s
+
+
+def candidate_scales(selected: Sequence[int], candidates: Sequence[int], size: int) -> torch.Tensor:
+    """(K, D): row k is alpha_scale(selected + [candidates[k]])."""
+    n = len(selected) + 1
+    base = torch.zeros(size)
+    base[list(selected)] = 1.0
+    rows = base.repeat(len(candidates), 1)
+    rows[torch.arange(len(candidates)), torch.as_tensor(list(candidates), dtype=torch.long)] = 1.0
+    return rows * (size / n)
+
+
+def greedy_select(scorer: LayerScorer, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                  gen: torch.Generator, *, num_evaluate: int, k_target: int | None = None,
+                  eval_top1: Callable[[list[int]], float] | None = None, init_top1: float | None = None,
+                  top1_tol: float = 0.02, skip_eval_converge: float = 0.05,
+                  context: Callable[[], Any] = contextlib.nullcontext,
+                  progress: bool = False) -> tuple[list[int], list[float]]:
+    """Greedy forward selection of one group's channels. Returns the selected channels in order
+    of selection and the batch loss after each addition.
+
+    Stops at `k_target` channels when given; otherwise by the accuracy rule (needs `eval_top1`
+    and `init_top1`); always when every channel is selected.
+    """
+    size = scorer.group.size
+    if k_target is None and (eval_top1 is None or init_top1 is None):
+        raise ValueError("greedy_select needs k_target or (eval_top1, init_top1)")
+    selected: list[int] = []
+    losses: list[float] = []
+    chosen = torch.zeros(size, dtype=torch.bool)
+    bar = tqdm(total=k_target or size, desc=f"gfs {scorer.group.name}", leave=False, disable=not progress)
+    while True:
+        x, y = next_batch()
+        pool = torch.nonzero(~chosen).flatten()
+        cands = pool[torch.randperm(pool.numel(), generator=gen)[:num_evaluate]].tolist()
+        with context():
+            values = scorer.capture(x)
+            loss, top1 = scorer.score(values, y, candidate_scales(selected, cands, size))
+        best = int(torch.argmin(loss))
+        selected.append(cands[best])
+        chosen[cands[best]] = True
+        losses.append(float(loss[best]))
+        bar.update(1)
+        n = len(selected)
+        if n >= size:
+            break
+        if k_target is not None:
+            if n >= k_target:
+                break
+        elif float(top1[best]) >= (1.0 - skip_eval_converge) * init_top1:
+            if eval_top1(selected) >= (1.0 - top1_tol) * init_top1:
+                break
+    bar.close()
+    return selected, losses
+
+
+def eval_cached(scorer: LayerScorer, cached: Sequence[tuple[dict[Any, Any], torch.Tensor]],
+                scale: torch.Tensor) -> tuple[float, float]:
+    """Mean loss and top-1 over cached batches with the group's channels scaled by `scale`."""
+    loss_sum, top_sum, n = 0.0, 0.0, 0
+    for values, y in cached:
+        lo, top = scorer.score(values, y, scale.view(1, -1))
+        loss_sum += float(lo[0]) * y.numel()
+        top_sum += float(top[0]) * y.numel()
+        n += y.numel()
+    return loss_sum / max(n, 1), top_sum / max(n, 1)
+
+
+# --------------------------------------------------------------------------------- data
+def load_batch(dataset: Dataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = next(iter(DataLoader(Subset(dataset, idx.tolist()), batch_size=max(int(idx.numel()), 1))))
+    return x.to(device), y.to(device)
+
+
+def _chunks(n: int, size: int) -> Iterator[torch.Tensor]:
+    for s in range(0, n, size):
+        yield torch.arange(s, min(n, s + size))
+
+
+# ------------------------------------------------------------------------------ budgets
+def uniform_widths(model: nn.Module, groups: Sequence[structured.ChannelGroup], chosen: Sequence[str],
+                   measure: Callable[[nn.Module], float], target: float, iters: int = 30) -> tuple[dict[str, int], bool]:
+    """Per-group widths ceil(r D) with the largest uniform ratio r whose pruned model has
+    measure <= target (bisection; measure is monotone in r). Returns (widths, reachable)."""
+    def widths(r: float) -> dict[str, int]:
+        return {g.name: max(1, min(g.size, math.ceil(r * g.size - 1e-9))) for g in groups if g.name in chosen}
+
+    def value(r: float) -> float:
+        keep = {k: torch.arange(v) for k, v in widths(r).items()}
+        return measure(structured.shrink(model, groups, keep))
+
+    if value(0.0) > target:
+        return widths(0.0), False
+    lo, hi = 0.0, 1.0
+    if value(hi) <= target:
+        return widths(hi), True
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if value(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return widths(lo), True
+
+
+# ---------------------------------------------------------------------------------- run
+def run(ctx: TrainContext, cfg: Config) -> PruneResult:
+    model = ctx.model
+    gens = stream_generators(ctx.generator)
+    example = example_input(ctx)
+    changed = structured.disable_inplace(model)
+    try:
+        gm = structured.trace(model)
+    except Exception as exc:
+        raise ConfigError("model", type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
+                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
+    groups = find_groups(model, example)
+    names = [g.name for g in groups]
+    patterns = list(cfg.layers) if cfg.layers is not None else ["*"]
+    chosen = [g for g in groups if any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
+    if not chosen:
+        raise ConfigError("method.layers", patterns, ", ".join(names), "matches no channel group")
+    chosen_names = [g.name for g in chosen]
+    dense_counts = flops.count(model, example)
+
+    targets: dict[str, int] | None = None
+    reachable = True
+    if cfg.budget == "width":
+        targets = {g.name: max(1, math.ceil(cfg.width * g.size - 1e-9)) for g in chosen}
+    elif cfg.budget == "flops":
+        targets, reachable = uniform_widths(model, groups, chosen_names,
+                                            lambda m: flops.count(m, example).macs / dense_counts.macs,
+                                            cfg.flops_ratio)
+    elif cfg.budget == "params":
+        targets, reachable = uniform_widths(model, groups, chosen_names,
+                                            lambda m: structured.relayout(m, ctx.layout).numel / ctx.layout.numel,
+                                            1.0 - float(ctx.sparsity))
+
+    calib = ctx.data.calib
+    n_cal = len(calib)
+    stride = max(1, math.ceil(n_cal / cfg.eval_size))
+    eval_idx = torch.arange(0, n_cal, stride)
+    masker = structured.ChannelMasker(model, groups)
+    noisy = cfg.noise_hooks and ctx.noise is not None and getattr(ctx.noise, "kind", "none") != "none"
+    full_mask = torch.ones(ctx.layout.numel, dtype=torch.bool, device=ctx.device)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(n_cal, generator=gens["method"])[: cfg.batch_size]
+        x, y = load_batch(calib, idx, ctx.device)
+        if noisy:
+            with torch.enable_grad():
+                x = ctx.noise.calibration_inputs(model, x, y, gens["inputs"])
+            model.zero_grad(set_to_none=True)
+        return x.detach(), y
+
+    def weight_context() -> Any:
+        if noisy:
+            return ctx.noise.calibration_weights(model, ctx.layout, full_mask, gens["weights"])
+        return contextlib.nullcontext()
+
+    info: dict[str, Any] = {"budget": cfg.budget}
+    if targets is not None and cfg.budget in ("flops", "params"):
+        info["budget_reachable"] = reachable
+    total_sel = 0
+    try:
+        for g in tqdm(chosen, desc="gfs layers", leave=False, disable=not ctx.progress):
+            model.eval()
+            scorer = LayerScorer(gm, g, chunk=cfg.candidate_chunk)
+            with masker.disabled(g.name), torch.no_grad():
+                cached = []
+                for ch in _chunks(eval_idx.numel(), cfg.batch_size):
+                    x, y = load_batch(calib, eval_idx[ch], ctx.device)
+                    cached.append((scorer.capture(x), y))
+
+                init_loss, init_top1 = eval_cached(scorer, cached, torch.ones(g.size))
+                selected, _losses = greedy_select(
+                    scorer, next_batch, gens["method"], num_evaluate=cfg.num_evaluate,
+                    k_target=None if targets is None else targets[g.name],
+                    eval_top1=lambda sel, sc=scorer, c=cached, d=g.size: eval_cached(sc, c, alpha_scale(sel, d))[1],
+                    init_top1=init_top1, top1_tol=cfg.top1_tol, skip_eval_converge=cfg.skip_eval_converge, context=weight_context,
+                    progress=ctx.progress)
+                scale = None if len(selected) >= g.size else alpha_scale(selected, g.size).to(ctx.device)
+                loss, top1 = eval_cached(scorer, cached, scale if scale is not None else torch.ones(g.size))
+            masker.set(g.name, scale)
+            total_sel += len(selected)
+            row = {"phase": "gfs", "layer": g.name, "kept": len(selected), "width": g.size,
+                   "init_loss": init_loss, "init_top1": init_top1, "loss": loss, "top1": top1}
+            if scale is not None and cfg.layer_finetune_epochs > 0:
+                _finetune(ctx, cfg, cfg.layer_finetune_epochs, gens, f"gfs_layer_finetune {g.name}")
+                model.eval()
+                ft_loss, ft_top1 = _eval_masked(model, calib, eval_idx, cfg.batch_size, ctx.device)
+                row.update(finetuned_loss=ft_loss, finetuned_top1=ft_top1)
+            if ctx.log is not None:
+                ctx.log(row)
+        if cfg.final_finetune_epochs > 0:
+            _finetune(ctx, cfg, cfg.final_finetune_epochs, gens, "gfs_final_finetune", log=True)
+    finally:
+        masker.remove()
+        structured.restore_inplace(changed)
+    model.eval()
+
+    keep = {g.name: structured.keep_from_scale(masker.scales[g.name], g.size) for g in groups}
+    scales = {g.name: masker.scales[g.name] for g in groups}
+    kept = {k: int(v.numel()) for k, v in keep.items()}
+    if cfg.shrink:
+        small = structured.shrink(model, groups, keep, scales)
+        layout = structured.relayout(small, ctx.layout)
+        report = structured.structured_report(model, small, example, groups, kept, ctx.layout, layout)
+        ctx.model, ctx.layout = small, layout
+        w = get_flat(small, layout)
+        mask = torch.ones_like(w, dtype=torch.bool)
+    else:
+        structured.zero_out(model, groups, keep, scales)
+        small = structured.shrink(model, groups, keep)
+        report = structured.structured_report(model, small, example, groups, kept, ctx.layout,
+                                              structured.relayout(small, ctx.layout))
+        w = get_flat(model, ctx.layout)
+        mask = structured.channel_mask(ctx.layout, groups, keep, w.device)
+    info.update(report)
+    info["selected_channels"] = total_sel
+    return PruneResult(w=w * mask, mask=mask, info=info)
+
+
+@torch.no_grad()
+def _eval_masked(model: nn.Module, dataset: Dataset, idx: torch.Tensor, batch_size: int,
+                 device: torch.device) -> tuple[float, float]:
+    loss_sum, correct, n = 0.0, 0, 0
+    for ch in _chunks(idx.numel(), batch_size):
+        x, y = load_batch(dataset, idx[ch], device)
+        out = model(x)
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += y.numel()
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def _finetune(ctx: TrainContext, cfg: Config, epochs: float, gens: dict[str, torch.Generator], phase: str,
+              log: bool = False) -> None:
+    """SGD on the masked network (the alpha-masks stay in the forward pass)."""
+    opt = torch.optim.SGD(ctx.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    train_loop(ctx, opt, epochs=epochs, batch_size=cfg.finetune_batch_size, phase=phase, gens=gens,
+               noise_hooks=cfg.noise_hooks, log_every_epoch=log)

@@ -1,0 +1,69 @@
+"""LR / CHITA: pruning as cardinality-constrained sparse ridge regression on the gradient matrix.
+
+Benbaki, Chen, Meng, Hazimeh, Ponomareva, Zhao, Mazumder, "Fast as CHITA: Neural Network Pruning
+with Combinatorial Optimization", ICML 2023 (code: mazumder-lab/CHITA, `CHITA_opt/L0_card_const.py`);
+also the "LR" arm of SWAP (You & Cheng, ICLR 2024). algorithms.md sections 1.1 and 5.1.
+
+With G (N x p, rows = per-sample gradients at the current weights), the anchor w_bar and
+y = G w_bar, one pruning step solves
+
+    min_w  Q_LR(w) = 1/2 ||y - G w||^2 + (N lam / 2) ||w - w_bar||^2   s.t.  ||w||_0 <= k,
+
+k = floor((1 - s) p) (`pruning.layout.num_kept`), lam = `lam` (CHITA `l2`, SWAP lambda = 0.01).
+Gradient: grad Q_LR = G^T (G w - y) + N lam (w - w_bar).
+
+`algorithm` (all in `pruning.sparse_regression`, which `swap` shares; with the plan I/N the two
+methods run identical iterations):
+
+* ``active_iht`` (default, CHITA `Active_IHTCDLS`): IHT with exact line search (CHITA
+  `hard_thresholding_ls`: the step tau* = <grad, d_S> / (||G d_S||^2 + N lam ||d_S||^2) that
+  minimises Q along the gradient on the current support, taken when it is below the
+  support-change bound, else step expansion from that bound) on an active set that starts from
+  the support of one IHT step with ceil(1.5 k) non-zeros and grows by an outlier search.
+* ``iht``: the same IHT with line search on all p columns.
+* ``backsolve`` (CHITA `Heuristic_LS`): support = top-k |w_bar| (or one IHT step), then the ridge
+  least squares on the support, (G_S^T G_S + N lam I) w_S = G_S^T y + N lam w_bar_S, solved in
+  the N x N space with Woodbury when N < k.
+
+Never forms a p x p matrix; G is used through matvec / rmatvec and column subsets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pruning.errors import ConfigError
+from pruning.layout import num_kept
+from pruning.methods.base import PruneResult, PruningProblem
+from pruning.sparse_regression import IdentityPlan, SolveResult, SolverConfig, cast_operator, solve
+
+NEEDS_GRADIENTS = True
+
+
+@dataclass(frozen=True)
+class Config(SolverConfig):
+    """The solver knobs of `pruning.sparse_regression.SolverConfig` (defaults: CHITA's, lam = 0.01)."""
+
+
+def solve_info(res: SolveResult, k: int, algorithm: str, seconds: float) -> dict[str, Any]:
+    """The per-stage record of a solve: scalars (recorded in result.json) plus the history."""
+    info: dict[str, Any] = {"objective": res.objective, "objective_start": res.history[0] if res.history else None,
+                            "k": k, "algorithm": algorithm, "solve_seconds": round(seconds, 4),
+                            "history": list(res.history)}
+    info.update({key: v for key, v in res.info.items() if isinstance(v, int | float | str | bool)})
+    return info
+
+
+def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
+    if problem.grads is None:
+        raise ConfigError("method", "lr", "a run that computes the gradient matrix", "needs problem.grads")
+    t0 = time.perf_counter()
+    op = cast_operator(problem.grads, cfg.compute_dtype(problem.grads))
+    k = num_kept(op.num_cols, sparsity)
+    w_bar = problem.w_bar.to(problem.w.device, problem.w.dtype)
+    y = op.matvec(w_bar)
+    res = solve(op, y, w_bar, problem.w, k, IdentityPlan(op.num_rows), cfg, direction="gradient")
+    info = solve_info(res, k, cfg.algorithm, time.perf_counter() - t0)
+    return PruneResult(w=res.w, mask=res.mask, info=info)

@@ -1,0 +1,130 @@
+"""Structured directional pruning, sDprun (Li, Liu, Shao, Wang, Geng, "Structured Directional
+Pruning via Perturbation Orthogonal Projection", arXiv 2107.05328, 2021; algorithms.md 8.2).
+
+No public code exists; only the abstract could be read. The abstract describes structured pruning
+that projects the sparsifying perturbation orthogonally onto the flat minimum valley, reached
+asymptotically by a fast solver, with no retraining. This module implements the design proposed in
+algorithms.md section 8.2: gRDA (pruning/methods/grda.py, Chao et al. 2020) with its l1 penalty
+replaced by a group-lasso penalty over output channels / neurons.
+
+  a_0 = w_0,  a_n = a_{n-1} - gamma_n grad f(w_{n-1}; Z_n)                   (dual averaging)
+  g(n, gamma) = c gamma^(1/2) (n gamma)^mu   (accumulated increments, as in gRDA)
+  w_G = a_G max(0, 1 - g(n, gamma) sqrt(|G|) / ||a_G||_2)                    (group soft threshold)
+
+Design choices (documented because the paper's own could not be checked):
+  * Groups: one group per removable channel (pruning/structured.py): the producer's output row
+    (Linear row or conv filter W[o, :, :, :]) and bias, together with every per-channel parameter
+    on the way to the consumer: BN gamma/beta (tied, as 8.2 suggests optionally) and, in
+    MobileNet blocks, the depthwise filter. Tying them makes a zero group an exactly zero channel
+    at the consumer (every activation on the path maps 0 to 0), so it can be removed physically
+    without changing the function: "without retraining" holds by construction.
+  * Channels that cannot be removed (outputs feeding residual additions, the logits) are not
+    grouped: they follow the plain dual-averaging step (= SGD), or gRDA's elementwise soft
+    threshold with `rest: l1`.
+  * Weight sqrt(|G|) (group-lasso convention, `group_weight: sqrt_size`), or 1 (`one`). A group
+    is removed when the RMS of its accumulator entries falls below g(n, gamma).
+  * The structured DP target s_G = <P_0 u, u_G> of 8.2 is not computed (it needs the Hessian's
+    flat subspace); the asymptotic argument of gRDA carries over to the group penalty because the
+    update is the proximal step of a separable convex penalty.
+
+Output: with `shrink: true` a physically smaller model (dead channels removed, exact), else the
+same shapes with the dead channels' producer rows, BN parameters, depthwise filters and consumer
+columns zero and masked. Reported: channels kept per layer, channel sparsity, MACs and parameters
+kept and their ratios (`structured/...`), the threshold and the achieved weight sparsity; the run's
+`sparsity` is recorded but not imposed. Noise hooks apply to every step as in gRDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pruning import structured
+from pruning.errors import ConfigError
+from pruning.layout import get_flat
+from pruning.methods.base import PruneResult, TrainContext
+from pruning.methods.grda import example_input, reinit, validate_common
+from pruning.optim import GRDA, stream_generators, train_loop
+
+KIND = "train"
+NEEDS_GRADIENTS = False
+
+
+@dataclass(frozen=True)
+class Config:
+    lr: float = 0.1
+    c: float = 0.005
+    mu: float = 0.55
+    epochs: float = 10
+    batch_size: int = 64
+    lr_milestones: Any = ()
+    lr_gamma: float = 0.1
+    init: str = "pretrained"         # pretrained | scratch
+    rest: str = "none"               # params outside channel groups: none (SGD step) | l1 (gRDA threshold)
+    group_weight: str = "sqrt_size"  # sqrt_size (sqrt(|G|)) | one
+    shrink: bool = True              # physically remove the dead channels
+    noise_hooks: bool = True
+
+    def validate(self) -> None:
+        validate_common(self)
+        if self.rest not in ("none", "l1"):
+            raise ConfigError("method.rest", self.rest, "none, l1")
+        if self.group_weight not in ("sqrt_size", "one"):
+            raise ConfigError("method.group_weight", self.group_weight, "sqrt_size, one")
+
+
+def find_groups(model: Any, example: Any, key: str = "model") -> list[structured.ChannelGroup]:
+    """Channel groups of the model; a ConfigError when it has none (or cannot be traced)."""
+    try:
+        groups = structured.find_channel_groups(model, example)
+    except Exception as exc:
+        raise ConfigError(key, type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
+                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
+    if not groups:
+        raise ConfigError(key, type(model).__name__, "a model with removable channels (Linear/Conv2d "
+                          "outputs feeding one Linear/Conv2d through channel-wise ops)", "has no channel group")
+    return groups
+
+
+def run(ctx: TrainContext, cfg: Config) -> PruneResult:
+    model = ctx.model
+    gens = stream_generators(ctx.generator)
+    if cfg.init == "scratch":
+        reinit(model, gens["method"])
+    example = example_input(ctx)
+    groups = find_groups(model, example)
+    members = [structured.group_members(model, g) for g in groups]
+    opt = GRDA([{"params": list(model.parameters())}], lr=cfg.lr, c=cfg.c, mu=cfg.mu, penalty=cfg.rest,
+               channel_groups=members, group_weight=cfg.group_weight)
+
+    def extra() -> dict[str, float]:
+        alive = sum(int(structured.alive_channels(model, g).sum()) for g in groups)
+        return {"threshold": opt.threshold(0), "channel_sparsity": 1.0 - alive / sum(g.size for g in groups)}
+
+    stats = train_loop(ctx, opt, epochs=cfg.epochs, batch_size=cfg.batch_size, phase="sdprun", gens=gens,
+                       noise_hooks=cfg.noise_hooks, lr_milestones=list(cfg.lr_milestones or []),
+                       lr_gamma=cfg.lr_gamma, extra=extra)
+    report, keep = structured.zeros_report(model, example, groups)
+    info: dict[str, Any] = {
+        "threshold": opt.threshold(0),
+        "steps": opt.step_count,
+        "target_sparsity_not_imposed": float(ctx.sparsity),
+        **{f"train/{k}": v for k, v in stats.items()},
+    }
+    dense_w = get_flat(model, ctx.layout)
+    info["achieved_sparsity_same_shape"] = float((dense_w == 0).float().mean())
+    if cfg.shrink:
+        small = structured.shrink(model, groups, keep)
+        layout = structured.relayout(small, ctx.layout)
+        report["structured/prunable_params_dense"] = ctx.layout.numel
+        report["structured/prunable_params_kept"] = layout.numel
+        report["structured/prunable_params_ratio"] = layout.numel / max(ctx.layout.numel, 1)
+        ctx.model, ctx.layout = small, layout
+        w = get_flat(small, layout)
+        mask = w != 0
+    else:
+        structured.zero_out(model, groups, keep)
+        w = get_flat(model, ctx.layout)
+        mask = structured.channel_mask(ctx.layout, groups, keep, w.device) & (w != 0)
+    info.update(report)
+    return PruneResult(w=w * mask, mask=mask, info=info)

@@ -1,0 +1,712 @@
+"""Compare methods across a sweep: `python -m pruning.report SWEEP_DIR` (or `pruning-report`).
+
+Reads every `<sweep_dir>/**/result.json` (or, with `--from-wandb ENTITY/PROJECT --group SWEEP`,
+the runs of a W&B group; both go through `flatten_record`, so both give the same flat rows) and
+writes under `<sweep_dir>/report/` (or `--out`):
+
+  results.csv           one row per run (tidy: index keys, labels, status, all metrics)
+  summary.csv           mean, std and n over seeds per (setting, method, sparsity) + dense baseline
+  paired.csv            paired differences vs the reference method, with a t-based 95% CI
+  table.md              comparison tables (methods x sparsity per model/dataset/noise setting,
+                        best per row in bold), paired differences, failed and missing runs
+  missing.txt           overrides that rerun failed, killed and missing cells
+  acc_vs_sparsity*.png  metric vs sparsity per method, seed band, one panel per noise setting,
+                        dense baseline dashed
+  acc_vs_noise*.png     metric vs noise level at a fixed sparsity (when the noise level varies)
+
+Labels derived from a run's result-relevant overrides:
+  method label   the method plus its swept hyperparameters, e.g. `magnitude[scope=layerwise]`
+  noise label    the noise kind plus its parameters, e.g. `gradient(kappa=2)`; `none`
+  variant        any other override (e.g. `finetune=short`): a separate table
+Paired differences compare runs of two methods in the same cell and with the same seed, i.e.
+with the same calibration subset, G and noise draws (see `pruning.task.derive_seed`).
+
+`--to-wandb` uploads the tables and plots to a run with job_type="report" in the sweep's group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pruning.record import INDEX_KEYS, read_json
+
+DEFAULT_METRIC = "final_acc"
+DEFAULT_REFERENCE = "magnitude"
+SETTING_COLS = ["model", "dataset", "schedule", "noise", "noise_label", "variant"]
+PLOT_GROUP_COLS = ["model", "dataset", "schedule", "noise", "variant"]
+_FRONT = ["sweep", "model", "dataset", "method", "method_label", "schedule", "noise", "noise_level",
+          "noise_label", "variant", "sparsity", "seed", "status"]
+_BACK = ["attempt", "run_id", "run", "overrides", "error"]
+_AXIS_KEYS = ("model", "dataset", "method", "schedule", "noise", "sparsity", "seed")
+_WANDB_STATE = {"finished": "completed", "running": "running", "pending": "running",
+                "crashed": "failed", "failed": "failed", "killed": "failed"}
+
+
+# ----------------------------------------------------------------- loading
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = str(override).partition("=")
+    return key.lstrip("+~"), value
+
+
+def labels(method: Any, noise: Any, noise_level: Any, overrides: Sequence[str]) -> dict[str, str]:
+    """method_label, noise_label and variant of a run from its result-relevant overrides."""
+    method_params, noise_params, variant = [], [], []
+    for ov in sorted(str(o) for o in overrides):
+        key, value = _split(ov)
+        if key.startswith("method."):
+            method_params.append(f"{key[len('method.'):]}={value}")
+        elif key.startswith("noise."):
+            noise_params.append(f"{key[len('noise.'):]}={value}")
+        elif key not in _AXIS_KEYS:
+            variant.append(f"{key}={value}")
+    method_label = str(method) + (f"[{','.join(method_params)}]" if method_params else "")
+    noise = str(noise) if noise is not None else "none"
+    if noise == "none" and not noise_params:
+        noise_label = "none"
+    elif noise_params:
+        noise_label = f"{noise}({','.join(noise_params)})"
+    else:
+        level = noise_level if noise_level is not None else ""
+        noise_label = f"{noise}({_g(level)})"
+    return {"method_label": method_label, "noise_label": noise_label, "variant": " ".join(variant)}
+
+
+def flatten_record(rec: Mapping[str, Any], run: str | None = None) -> dict[str, Any]:
+    """One flat row from a run record (result.json schema). The W&B loader builds the same record
+    shape from a W&B run, so local and W&B reports share this schema."""
+    index = dict(rec.get("index") or {})
+    row: dict[str, Any] = {k: index.get(k) for k in INDEX_KEYS}
+    row["sweep"] = row.get("sweep") or rec.get("sweep")
+    overrides = [str(o) for o in rec.get("overrides") or []]
+    row.update(labels(row["method"], row["noise"], row["noise_level"], overrides))
+    row["status"] = rec.get("status") or "running"
+    for key, value in (rec.get("metrics") or {}).items():
+        if isinstance(value, bool):
+            value = int(value)
+        if value is None or isinstance(value, (int, float, str)):
+            row[key] = value
+    for key, value in (rec.get("timings") or {}).items():
+        row[f"time_{key}"] = value
+    row["attempt"] = rec.get("attempt")
+    row["run_id"] = rec.get("run_id")
+    row["run"] = run if run is not None else rec.get("run_dir")
+    row["overrides"] = " ".join(overrides)
+    row["error"] = (str(rec["error"]).splitlines() or [""])[0][:300] if rec.get("error") else None
+    return row
+
+
+def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Rows -> the tidy frame, with fixed leading columns and typed index columns."""
+    df = pd.DataFrame(list(rows))
+    for col in _FRONT + _BACK:
+        if col not in df.columns:
+            df[col] = None
+    for col in ("sparsity", "noise_level"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    for col in ("variant", "noise_label", "method_label"):
+        df[col] = df[col].fillna("")
+    rest = sorted(c for c in df.columns if c not in _FRONT and c not in _BACK)
+    df = df[_FRONT + rest + _BACK]
+    return df.sort_values(["model", "dataset", "schedule", "noise", "noise_level", "noise_label", "variant",
+                           "method_label", "sparsity", "seed", "run"], na_position="last",
+                          kind="mergesort").reset_index(drop=True)
+
+
+def load_local(sweep_dir: str | Path) -> pd.DataFrame:
+    """All run records under a sweep directory (any depth; `report/` is ignored)."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for path in sorted(sweep_dir.glob("**/result.json")):
+        rel = path.parent.relative_to(sweep_dir)
+        if rel.parts[:1] == ("report",):
+            continue
+        rec = read_json(path)
+        if rec is None:
+            continue
+        rows.append(flatten_record(rec, run=rel.as_posix()))
+    return to_frame(rows)
+
+
+def record_from_wandb(run: Any) -> dict[str, Any] | None:
+    """A run record (result.json shape) from a `wandb.Api` run logged by `WandbTracker`; None for
+    report runs. Uses run.config (flat index keys, overrides), run.summary and run.state."""
+    if getattr(run, "job_type", None) == "report":
+        return None
+    config = {k: v for k, v in dict(run.config or {}).items() if not str(k).startswith("_")}
+    summary_obj = getattr(run, "summary", None) or {}
+    summary = dict(getattr(summary_obj, "_json_dict", summary_obj) or {})
+    index = {k: config.get(k) for k in INDEX_KEYS}
+    index["sweep"] = index.get("sweep") or getattr(run, "group", None)
+    metrics = {k: v for k, v in summary.items()
+               if not str(k).startswith("_") and "/" not in str(k) and k not in ("status", "attempt", "error")
+               and (v is None or isinstance(v, (int, float)))}
+    status = summary.get("status") or _WANDB_STATE.get(str(getattr(run, "state", "")), "running")
+    return {
+        "status": status,
+        "run_id": config.get("run_id") or getattr(run, "id", None),
+        "sweep": index["sweep"],
+        "overrides": list(config.get("overrides") or []),
+        "index": index,
+        "metrics": metrics,
+        "timings": {k[len("time/"):]: v for k, v in summary.items() if str(k).startswith("time/")},
+        "error": summary.get("error"),
+        "attempt": summary.get("attempt"),
+    }
+
+
+def rows_from_wandb(runs: Iterable[Any]) -> list[dict[str, Any]]:
+    """Flat rows (same schema as `load_local`) from `wandb.Api().runs(...)` objects."""
+    rows = []
+    for run in runs:
+        rec = record_from_wandb(run)
+        if rec is not None:
+            rows.append(flatten_record(rec, run=f"wandb:{getattr(run, 'id', '')}"))
+    return rows
+
+
+def load_wandb(path: str, group: str) -> pd.DataFrame:
+    """The runs of one sweep (W&B group) of ENTITY/PROJECT; needs network and a W&B login."""
+    import wandb
+
+    runs = wandb.Api().runs(path, filters={"group": group, "jobType": {"$ne": "report"}})
+    return to_frame(rows_from_wandb(runs))
+
+
+# -------------------------------------------------------------- statistics
+
+def _g(x: Any) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return f"{x:g}"
+    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
+def lower_is_better(metric: str) -> bool:
+    return "loss" in metric or "error" in metric or metric.startswith("time")
+
+
+def dense_metric(metric: str) -> str | None:
+    """The dense baseline of a metric: dense_acc for *_acc, dense_loss for *_loss."""
+    if metric.endswith("acc"):
+        return "dense_acc"
+    if metric.endswith("loss"):
+        return "dense_loss"
+    return None
+
+
+def _completed(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    if df.empty and metric not in df.columns:
+        df = df.assign(**{metric: pd.Series(dtype=float)})
+    if metric not in df.columns:
+        raise KeyError(f"metric {metric!r} is not in the run records; available: "
+                       f"{', '.join(c for c in df.columns if c not in _FRONT + _BACK)}")
+    done = df[df["status"] == "completed"].copy()
+    done[metric] = pd.to_numeric(done[metric], errors="coerce")
+    return done
+
+
+def summarize(df: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
+    """mean, std (ddof 1) and n over seeds per (setting, noise level, method_label, sparsity)."""
+    done = _completed(df, metric)
+    keys = SETTING_COLS + ["noise_level", "method_label", "sparsity"]
+    if done.empty:
+        return pd.DataFrame(columns=keys + ["mean", "std", "n"])
+    agg = done.groupby(keys, dropna=False, sort=True)[metric].agg(["mean", "std", "count"])
+    return agg.rename(columns={"count": "n"}).reset_index()
+
+
+def dense_baseline(df: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
+    """The dense model's value of the metric (dense_acc for *_acc, dense_loss for *_loss) over the
+    completed runs of each (setting, noise level, sparsity) row: mean, std, n."""
+    done = _completed(df, metric)
+    keys = SETTING_COLS + ["noise_level", "sparsity"]
+    dm = dense_metric(metric)
+    if done.empty or not dm or dm not in done.columns:
+        return pd.DataFrame(columns=keys + ["mean", "std", "n"])
+    done[dm] = pd.to_numeric(done[dm], errors="coerce")
+    agg = done.groupby(keys, dropna=False, sort=True)[dm].agg(["mean", "std", "count"])
+    return agg.rename(columns={"count": "n"}).reset_index()
+
+
+@dataclass
+class PairedCI:
+    n: int
+    mean: float
+    std: float
+    low: float
+    high: float
+
+
+def paired_ci(diffs: Sequence[float], confidence: float = 0.95) -> PairedCI:
+    """Mean of paired differences with a two-sided t confidence interval (n - 1 dof).
+    With n < 2 the interval is undefined (NaN)."""
+    from scipy import stats
+
+    x = [float(d) for d in diffs if d is not None and not math.isnan(float(d))]
+    n = len(x)
+    if n == 0:
+        return PairedCI(0, math.nan, math.nan, math.nan, math.nan)
+    mean = sum(x) / n
+    if n < 2:
+        return PairedCI(n, mean, math.nan, math.nan, math.nan)
+    std = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return PairedCI(n, mean, std, mean - half, mean + half)
+
+
+def paired_differences(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: str = DEFAULT_REFERENCE,
+                       confidence: float = 0.95) -> pd.DataFrame:
+    """metric(method) - metric(reference) per (setting, noise level, sparsity, seed), i.e. runs that
+    shared the calibration subset, G and noise draws; mean and t-CI over seeds per method."""
+    done = _completed(df, metric)
+    keys = SETTING_COLS + ["noise_level", "sparsity"]
+    cols = keys + ["method_label", "reference", "n", "mean_diff", "std_diff", "ci_low", "ci_high"]
+    out = []
+    cell = keys + ["seed"]
+    ref = done[done["method_label"] == reference].groupby(cell, dropna=False)[metric].mean()
+    if ref.empty:
+        return pd.DataFrame(columns=cols)
+    others = done[done["method_label"] != reference]
+    per_seed = others.groupby(cell + ["method_label"], dropna=False)[metric].mean().reset_index()
+    per_seed = per_seed.merge(ref.rename("ref").reset_index(), on=cell, how="inner")
+    per_seed["diff"] = per_seed[metric] - per_seed["ref"]
+    for key, grp in per_seed.groupby(keys + ["method_label"], dropna=False, sort=True):
+        ci = paired_ci(grp["diff"].tolist(), confidence)
+        if ci.n == 0:
+            continue
+        out.append([*key, reference, ci.n, ci.mean, ci.std, ci.low, ci.high])
+    return pd.DataFrame(out, columns=cols)
+
+
+# --------------------------------------------------------------- rendering
+
+def _fmt(x: Any, digits: int = 4, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _cell(mean: float, std: float, n: int) -> str:
+    if n is None or n == 0 or mean is None or math.isnan(mean):
+        return "–"
+    if n < 2 or std is None or math.isnan(std):
+        return f"{_fmt(mean)} (n={int(n)})"
+    return f"{_fmt(mean)} ± {_fmt(std)} (n={int(n)})"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A GitHub pipe table; `align` is one of l/r per column (default: first left, rest right)."""
+    align = align or ("l" + "r" * (len(header) - 1))
+    sep = ["---:" if a == "r" else ":---" for a in align]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(sep), *(line(r) for r in rows)])
+
+
+def _setting_title(key: Mapping[str, Any]) -> str:
+    title = f"{key['model']} / {key['dataset']}, noise: {key['noise_label']}, schedule: {key['schedule']}"
+    if key.get("variant"):
+        title += f", {key['variant']}"
+    return title
+
+
+def _method_order(methods: Iterable[str], reference: str) -> list[str]:
+    return sorted(set(methods), key=lambda m: (m != reference, m))
+
+
+def comparison_table(summary: pd.DataFrame, dense: pd.DataFrame, metric: str,
+                     reference: str = DEFAULT_REFERENCE) -> str:
+    """Markdown: rows = sparsity, columns = dense baseline + methods; best mean per row in bold.
+    `summary` and `dense` are the rows of one setting from `summarize` / `dense_baseline`."""
+    methods = _method_order(summary["method_label"], reference)
+    lower = lower_is_better(metric)
+    dense_by_s = {float(r.sparsity): r for r in dense.itertuples()}
+    rows = []
+    for sparsity, grp in summary.groupby("sparsity", sort=True):
+        by_method = {r.method_label: r for r in grp.itertuples()}
+        means = {m: round(float(r.mean), 4) for m, r in by_method.items()
+                 if r.n and not math.isnan(r.mean)}
+        best = (min if lower else max)(means.values()) if means else None
+        d = dense_by_s.get(float(sparsity))
+        cells = [_g(float(sparsity)), _cell(d.mean, d.std, d.n) if d is not None else "–"]
+        for m in methods:
+            r = by_method.get(m)
+            text = _cell(r.mean, r.std, r.n) if r is not None else "–"
+            if m in means and means[m] == best and len(means) > 1:
+                text = f"**{text}**"
+            cells.append(text)
+        rows.append(cells)
+    return markdown_table(["sparsity", "dense", *methods], rows)
+
+
+def paired_table(paired: pd.DataFrame, confidence: float = 0.95) -> str:
+    rows = []
+    for r in paired.sort_values(["sparsity", "method_label"]).itertuples():
+        sig = "" if math.isnan(r.ci_low) else (" *" if r.ci_low > 0 or r.ci_high < 0 else "")
+        ci = "–" if math.isnan(r.ci_low) else f"[{_fmt(r.ci_low, sign=True)}, {_fmt(r.ci_high, sign=True)}]{sig}"
+        rows.append([_g(float(r.sparsity)), r.method_label, str(int(r.n)), _fmt(r.mean_diff, sign=True), ci])
+    return markdown_table(["sparsity", "method", "n", "mean diff", f"{confidence:.0%} CI"], rows, "llrrr")
+
+
+def _status_rows(df: pd.DataFrame, status: Any | None) -> tuple[list[list[str]], str]:
+    """Rows of the failed/missing table and the counts line."""
+    rows: list[list[str]] = []
+    if status is not None:
+        for cell in status.to_rerun:
+            try:
+                run = cell.run_dir.relative_to(status.sweep_dir).as_posix()
+            except ValueError:
+                run = str(cell.run_dir)
+            err = (cell.error or "").splitlines()[0][:160] if cell.error else ""
+            rows.append([cell.status, run, f"`{cell.command_args()}`", err])
+        c = status.counts()
+        expected = f" of {status.grid_size} expected" if status.grid_size is not None else ""
+        counts = (f"{c['completed']} completed, {c['failed']} failed, {c['running']} running or killed, "
+                  f"{c['missing']} missing{expected}")
+    else:
+        for r in df[df["status"] != "completed"].itertuples():
+            rows.append([r.status, str(r.run), f"`{r.overrides} seed={r.seed}`", r.error or ""])
+        counts = ", ".join(f"{int((df['status'] == s).sum())} {s}" for s in ("completed", "failed", "running"))
+    return rows, counts
+
+
+def _select(df: pd.DataFrame, key: Mapping[str, Any]) -> pd.DataFrame:
+    mask = pd.Series(True, index=df.index)
+    for col, val in key.items():
+        mask &= (df[col] == val) | (df[col].isna() & pd.isna(val))
+    return df[mask]
+
+
+def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: str = DEFAULT_REFERENCE,
+                    status: Any | None = None, plots: Sequence[str] = (), title: str | None = None,
+                    confidence: float = 0.95) -> str:
+    """The whole table.md: counts, one comparison table per setting with its paired differences,
+    the failed/missing runs and the plots."""
+    summary = summarize(df, metric)
+    dense = dense_baseline(df, metric)
+    paired = paired_differences(df, metric, reference, confidence)
+    sweeps = sorted({str(s) for s in df["sweep"].dropna()}) if not df.empty else []
+    title = title or (", ".join(sweeps) if sweeps else (status.sweep_dir.name if status is not None else "sweep"))
+    status_rows, counts = _status_rows(df, status)
+    lower = "lowest" if lower_is_better(metric) else "highest"
+    out = [
+        f"# Sweep report: {title}",
+        "",
+        f"Runs: {counts}.",
+        "",
+        f"Metric `{metric}`: mean ± std over seeds (n = seeds); **bold** = {lower} mean per row; "
+        f"dense = the unpruned model of the same runs.",
+    ]
+    if summary.empty:
+        out += ["", "No completed runs yet."]
+    for key, grp in summary.groupby(SETTING_COLS + ["noise_level"], dropna=False, sort=True):
+        k = dict(zip(SETTING_COLS + ["noise_level"], key))
+        out += ["", f"## {_setting_title(k)}", "", comparison_table(grp, _select(dense, k), metric, reference)]
+        sub = _select(paired, k)
+        if not sub.empty:
+            out += ["", f"Paired differences vs `{reference}` (same cell and seed: shared calibration "
+                        f"data, G and noise draws); {confidence:.0%} CI over seeds (t), * = excludes 0:",
+                    "", paired_table(sub, confidence)]
+        elif len(set(grp["method_label"])) > 1:
+            out += ["", f"(no paired differences: reference method `{reference}` has no runs here)"]
+    if status_rows:
+        out += ["", "## Failed and missing runs", "",
+                markdown_table(["status", "run", "overrides", "error"], status_rows, "llll")]
+        if status is not None and status.relaunch:
+            out += ["", "Relaunch the sweep (completed cells are skipped, failed ones resumed):", "",
+                    f"```bash\n{status.relaunch}\n```"]
+    if status is not None and status.grid_error:
+        out += ["", f"Missing cells unknown: {status.grid_error}."]
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------- plots
+
+def _slug(parts: Iterable[Any]) -> str:
+    text = "_".join(str(p) for p in parts if p not in (None, ""))
+    return re.sub(r"[^A-Za-z0-9.=,+-]+", "_", text).strip("_")[:120]
+
+
+def _plot_groups(done: pd.DataFrame) -> list[tuple[str, dict[str, Any], pd.DataFrame]]:
+    groups = list(done.groupby(PLOT_GROUP_COLS, dropna=False, sort=True))
+    out = []
+    for key, grp in groups:
+        k = dict(zip(PLOT_GROUP_COLS, key))
+        suffix = "" if len(groups) == 1 else "_" + _slug(key)
+        out.append((suffix, k, grp))
+    return out
+
+
+def _band(ax: Any, x: Sequence[float], mean: pd.Series, std: pd.Series, label: str, color: Any) -> None:
+    ax.plot(x, mean, marker="o", label=label, color=color)
+    s = std.fillna(0.0)
+    ax.fill_between(x, mean - s, mean + s, alpha=0.2, color=color)
+
+
+def plot_acc_vs_sparsity(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_METRIC,
+                         reference: str = DEFAULT_REFERENCE) -> list[Path]:
+    """metric vs sparsity, one line per method with a ±std band over seeds, one panel per noise
+    setting, the dense baseline dashed. One PNG per (model, dataset, schedule, noise kind, variant)."""
+    from matplotlib.figure import Figure
+
+    done = _completed(df, metric).dropna(subset=[metric])
+    paths = []
+    dm = dense_metric(metric)
+    for suffix, key, grp in _plot_groups(done):
+        panels = grp.drop_duplicates(["noise_label", "noise_level"]).sort_values(["noise_level", "noise_label"])
+        panel_keys = list(zip(panels["noise_label"], panels["noise_level"]))
+        methods = _method_order(grp["method_label"], reference)
+        fig = Figure(figsize=(4.5 * len(panel_keys), 3.6), layout="constrained")
+        axes = fig.subplots(1, len(panel_keys), squeeze=False, sharey=True)[0]
+        for ax, (nlabel, nlevel) in zip(axes, panel_keys):
+            sub = grp[(grp["noise_label"] == nlabel) & (grp["noise_level"] == nlevel)]
+            for i, m in enumerate(methods):
+                agg = sub[sub["method_label"] == m].groupby("sparsity")[metric].agg(["mean", "std"])
+                if not agg.empty:
+                    _band(ax, agg.index.to_list(), agg["mean"], agg["std"], m, f"C{i}")
+            if dm and dm in sub.columns and sub[dm].notna().any():
+                ax.axhline(float(pd.to_numeric(sub[dm]).mean()), ls="--", color="k", lw=1, label="dense")
+            ax.set_title(f"noise: {nlabel}", fontsize=9)
+            ax.set_xlabel("sparsity")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(metric)
+        axes[-1].legend(fontsize=8)
+        fig.suptitle(f"{key['model']} / {key['dataset']} ({key['schedule']}) {key['variant'] or ''}".strip(),
+                     fontsize=10)
+        path = Path(out_dir) / f"acc_vs_sparsity{suffix}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+def plot_acc_vs_noise(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_METRIC,
+                      sparsity: float | None = None, reference: str = DEFAULT_REFERENCE) -> list[Path]:
+    """metric vs noise level at one sparsity (default: the highest of each group), one line per
+    method with a ±std band over seeds; only for groups whose noise level varies."""
+    from matplotlib.figure import Figure
+
+    done = _completed(df, metric).dropna(subset=[metric])
+    paths = []
+    dm = dense_metric(metric)
+    for suffix, key, grp in _plot_groups(done):
+        if grp["noise_level"].nunique() < 2:
+            continue
+        s = float(grp["sparsity"].max()) if sparsity is None else float(sparsity)
+        sub = grp[(grp["sparsity"] - s).abs() < 1e-9]
+        if sub.empty:
+            continue
+        fig = Figure(figsize=(5, 3.6), layout="constrained")
+        ax = fig.subplots()
+        for i, m in enumerate(_method_order(sub["method_label"], reference)):
+            agg = sub[sub["method_label"] == m].groupby("noise_level")[metric].agg(["mean", "std"])
+            _band(ax, agg.index.to_list(), agg["mean"], agg["std"], m, f"C{i}")
+        if dm and dm in sub.columns and sub[dm].notna().any():
+            ax.axhline(float(pd.to_numeric(sub[dm]).mean()), ls="--", color="k", lw=1, label="dense")
+        ax.set_xlabel(f"noise level ({key['noise']})")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{key['model']} / {key['dataset']} at sparsity {_g(s)}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = Path(out_dir) / f"acc_vs_noise{suffix}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------ report
+
+@dataclass
+class Report:
+    out_dir: Path
+    frame: pd.DataFrame
+    summary: pd.DataFrame
+    paired: pd.DataFrame
+    markdown: str
+    status: Any | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def build_report(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_METRIC,
+                 reference: str = DEFAULT_REFERENCE, status: Any | None = None, plots: bool = True,
+                 at_sparsity: float | None = None, title: str | None = None,
+                 base_dir: str | Path | None = None) -> Report:
+    """Write results.csv, summary.csv, paired.csv, table.md, missing.txt and the plots to out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not df.empty:
+        _completed(df, metric)  # a clear error for an unknown metric
+    files = []
+    df.to_csv(out_dir / "results.csv", index=False)
+    summary = summarize(df, metric) if not df.empty else pd.DataFrame()
+    paired = paired_differences(df, metric, reference) if not df.empty else pd.DataFrame()
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    paired.to_csv(out_dir / "paired.csv", index=False)
+    files += [out_dir / "results.csv", out_dir / "summary.csv", out_dir / "paired.csv"]
+    pngs: list[Path] = []
+    if plots and not df.empty and (df["status"] == "completed").any():
+        pngs = plot_acc_vs_sparsity(df, out_dir, metric, reference)
+        pngs += plot_acc_vs_noise(df, out_dir, metric, at_sparsity, reference)
+    files += pngs
+    md = render_markdown(df, metric, reference, status, [p.name for p in pngs], title)
+    (out_dir / "table.md").write_text(md)
+    files.append(out_dir / "table.md")
+    if status is not None:
+        (out_dir / "missing.txt").write_text(status.missing_text())
+        files.append(out_dir / "missing.txt")
+    return Report(out_dir, df, summary, paired, md, status, files)
+
+
+def report_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, metric: str = DEFAULT_METRIC,
+                 reference: str = DEFAULT_REFERENCE, plots: bool = True,
+                 at_sparsity: float | None = None) -> Report:
+    """Local report of a sweep directory (written to <sweep_dir>/report by default)."""
+    from pruning.sweep import sweep_status
+
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist "
+                                f"(sweeps are written to outputs/sweeps/<sweep_name>)")
+    status = sweep_status(sweep_dir)
+    df = load_local(sweep_dir)
+    return build_report(df, out_dir or sweep_dir / "report", metric, reference, status, plots, at_sparsity)
+
+
+def _wandb_defaults(sweep_dir: Path | None) -> dict[str, Any]:
+    """project/entity from a run's resolved config when it logged to W&B."""
+    if sweep_dir is None:
+        return {}
+    for path in sorted(sweep_dir.glob("**/config.resolved.json"))[:1]:
+        cfg = read_json(path) or {}
+        logger = cfg.get("logger") or {}
+        if logger.get("name") == "wandb":
+            return {"project": logger.get("project"), "entity": logger.get("entity")}
+    return {}
+
+
+def upload_to_wandb(report: Report, group: str, project: str | None = None, entity: str | None = None,
+                    mode: str | None = None) -> str:
+    """Log the tables and plots to a run with job_type="report" in the sweep's group (one fixed id
+    per project and group, so a new report replaces the previous one's tables). Returns the run id."""
+    import wandb
+
+    project = project or os.environ.get("WANDB_PROJECT") or "pruning-noise"
+    mode = mode or os.environ.get("WANDB_MODE") or "online"
+    run_id = "report-" + hashlib.sha1(f"{entity}/{project}/{group}".encode()).hexdigest()[:12]
+
+    def table(df: pd.DataFrame) -> Any:
+        clean = df.astype(object).where(df.notna(), None)
+        return wandb.Table(columns=[str(c) for c in clean.columns], data=clean.values.tolist(),
+                           allow_mixed_types=True)
+
+    run = wandb.init(project=project, entity=entity, id=run_id, resume="allow", group=group,
+                     job_type="report", name=f"report-{group}", dir=str(report.out_dir), mode=mode,
+                     reinit="create_new", config={"sweep": group, "kind": "report"})
+    try:
+        data: dict[str, Any] = {"runs": table(report.frame), "summary": table(report.summary),
+                                "paired": table(report.paired)}
+        for png in report.files:
+            if png.suffix == ".png":
+                data[f"plots/{png.stem}"] = wandb.Image(str(png))
+        run.log(data)
+        art = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]", "_", f"report-{group}"), type="report")
+        for f in report.files:
+            art.add_file(str(f))
+        run.log_artifact(art)
+    finally:
+        run.finish()
+    return run_id
+
+
+# --------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pruning-report",
+        description="Aggregate the runs of a sweep into CSV, Markdown comparison tables and plots.",
+        epilog="examples:\n  pruning-report outputs/sweeps/study1\n"
+               "  pruning-report outputs/sweeps/study1 --metric pruned_acc --reference magnitude\n"
+               "  pruning-report --from-wandb me/pruning-noise --group study1 --out report-study1\n"
+               "  pruning-report outputs/sweeps/study1 --to-wandb",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", nargs="?", type=Path, help="sweep directory (outputs/sweeps/<sweep_name>)")
+    p.add_argument("--metric", default=DEFAULT_METRIC, help="metric of the tables (default: final_acc)")
+    p.add_argument("--reference", default=DEFAULT_REFERENCE,
+                   help="method label the paired differences are taken against (default: magnitude)")
+    p.add_argument("--out", type=Path, help="output directory (default: <sweep_dir>/report)")
+    p.add_argument("--at-sparsity", type=float, help="sparsity of the accuracy-vs-noise plot (default: highest)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the runs from the W&B API instead")
+    p.add_argument("--group", help="W&B group (= sweep name) for --from-wandb / --to-wandb")
+    p.add_argument("--to-wandb", action="store_true", help="upload tables and plots to a job_type=report run")
+    p.add_argument("--wandb-project", help="project for --to-wandb (default: the runs' logger.project)")
+    p.add_argument("--wandb-entity", help="entity for --to-wandb")
+    p.add_argument("--wandb-mode", choices=("online", "offline"),
+                   help="mode for --to-wandb (default: $WANDB_MODE, else online)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry (`python -m pruning.report`, `pruning-report`). Returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.from_wandb:
+            if not args.group:
+                raise ValueError("--from-wandb needs --group SWEEP (the sweep name = the W&B group)")
+            out = args.out or (args.sweep_dir / "report" if args.sweep_dir else Path(f"report-{args.group}"))
+            status = None
+            if args.sweep_dir is not None and args.sweep_dir.is_dir():
+                from pruning.sweep import sweep_status
+
+                status = sweep_status(args.sweep_dir)
+            df = load_wandb(args.from_wandb, args.group)
+            report = build_report(df, out, args.metric, args.reference, status, not args.no_plots,
+                                  args.at_sparsity, title=args.group)
+            group = args.group
+        else:
+            if args.sweep_dir is None:
+                raise ValueError("give a SWEEP_DIR (outputs/sweeps/<sweep_name>) or --from-wandb ENTITY/PROJECT")
+            report = report_sweep(args.sweep_dir, args.out, args.metric, args.reference, not args.no_plots,
+                                  args.at_sparsity)
+            sweeps = sorted({str(s) for s in report.frame["sweep"].dropna()})
+            group = args.group or (sweeps[0] if len(sweeps) == 1 else args.sweep_dir.name)
+        if report.status is not None:
+            print(report.status.summary())
+        print(f"report: {report.out_dir / 'table.md'} ({len(report.frame)} runs)")
+        if args.to_wandb:
+            defaults = {} if args.from_wandb else _wandb_defaults(args.sweep_dir)
+            project = args.wandb_project or (args.from_wandb.split("/", 1)[-1] if args.from_wandb
+                                             else defaults.get("project"))
+            entity = args.wandb_entity or (args.from_wandb.split("/", 1)[0] if args.from_wandb
+                                           and "/" in args.from_wandb else defaults.get("entity"))
+            run_id = upload_to_wandb(report, group, project, entity, args.wandb_mode)
+            print(f"uploaded to W&B run {run_id} (group {group}, job_type report)")
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["PairedCI", "Report", "build_report", "flatten_record", "load_local", "load_wandb", "main",
+           "paired_ci", "paired_differences", "render_markdown", "report_sweep", "rows_from_wandb",
+           "summarize", "upload_to_wandb"]

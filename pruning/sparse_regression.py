@@ -1,0 +1,774 @@
+"""Cardinality-constrained (sparse) ridge regression on the gradient matrix G, shared by `lr`
+(CHITA / the LR arm of SWAP) and `swap` (entropic Wasserstein regression).
+
+Problem (algorithms.md sections 1.1, 5.1, 6.1). With y = G w_bar (targets), yhat(w) = G w and a
+transport plan Pi (N x N, held fixed while solving):
+
+    Q(w) = (N/2) sum_ij Pi_ij (y_i - yhat_j(w))^2 + (N lam / 2) ||w - w_bar||^2,   ||w||_0 <= k.
+
+Pi = I/N gives the LR / CHITA objective  Q_LR(w) = 1/2 ||y - G w||^2 + (N lam / 2)||w - w_bar||^2.
+With column marginals b = Pi^T 1, row marginals a = Pi 1 and the barycentric targets
+z_j = (Pi^T y)_j / b_j, the data term rewrites (exactly, for any plan) as
+
+    (N/2) sum_ij Pi_ij (y_i - yhat_j)^2 = 1/2 sum_j omega_j (yhat_j - z_j)^2 + C,
+    omega = N b,   C = (N/2) (sum_i a_i y_i^2 - sum_j b_j z_j^2) >= 0,
+
+so every plan yields a weighted least-squares problem in w; this is how `PlanRegression`
+evaluates Q (no N x N cost matrix, no cancellation). Its exact gradient is
+G^T (omega * (yhat - z)) + N lam (w - w_bar). The search direction is pluggable:
+
+* ``gradient``: the exact gradient above;
+* ``paper``: d = G^T (N Pi)(G w - y) + N lam (w - w_bar), the direction of the SWAP code as run
+  for the paper (algorithms.md 6.1). Not a gradient of Q unless Pi is symmetric with uniform
+  marginals; the step is still chosen by exact minimisation of Q along it.
+
+With Pi = I/N (`IdentityPlan`) both directions are G^T (G w - y) + N lam (w - w_bar), the
+objective is Q_LR, and `lr` and `swap` run the very same iterations.
+
+Solvers (CHITA, Benbaki et al. ICML 2023, `CHITA_opt/L0_card_const.py`; algorithms.md 5.1):
+
+* `iht_ls`: IHT with exact line search (CHITA `hard_thresholding_ls`). From a k-sparse w with
+  support S: tau* minimises the quadratic Q(w - tau d_S) (closed form); L_change is the largest
+  step that keeps the top-k support of w - tau d; if tau* < L_change take it, else start at
+  L_change / (1 + 1e-4) and grow the step (x `step_growth`, at most `step_search` times) while
+  Q(H_k(w - tau d)) decreases. The first iterate is the better of H_k(w0) and one plain IHT step
+  w0 - d / L with L = 1.05 (sigma_max(sqrt(omega) G)^2 + N lam) (power iteration; L is doubled
+  until the step does not increase Q when w0 is already k-sparse).
+* `active_set_iht`: CHITA `Active_IHTCDLS` (cd_itr = 0): the active set starts as the support of
+  one IHT step with ceil(1.5 k) non-zeros; IHT-LS runs on the columns of the active set; then an
+  outlier search takes full IHT steps with L = 2 L_A, L_A / 2, ... (at most `outlier_search`
+  halvings) and, when one lowers Q with support outside the set, the set grows and it repeats.
+* `backsolve`: CHITA `Heuristic_LS`: support = top-k |w_bar| (or one IHT step), then the exact
+  minimiser on the support, (G_S^T Omega G_S + N lam I) w_S = G_S^T Omega z + N lam w_bar_S, solved
+  in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I).
+
+Every objective value the solvers record is Q of the full p-vector; the recorded sequence never
+increases (steps that would increase it are rejected). No p x p matrix is ever formed; G is only
+used through matvec / rmatvec and, for the active set and backsolve, through column subsets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from pruning.errors import ConfigError
+from pruning.layout import topk_mask
+
+ALGORITHMS = ("active_iht", "iht", "backsolve")
+DIRECTIONS = ("paper", "gradient")
+PRECISIONS = ("auto", "float32", "float64")
+BACKSOLVE_SUPPORTS = ("magnitude", "iht")
+
+
+# ------------------------------------------------------------------------------------ operators
+class LinearOperator(Protocol):
+    """What the solvers need from G: `GradientMatrix` and `DenseOperator` both qualify."""
+
+    @property
+    def num_rows(self) -> int: ...
+
+    @property
+    def num_cols(self) -> int: ...
+
+    def matvec(self, w: torch.Tensor) -> torch.Tensor: ...
+
+    def rmatvec(self, r: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseOperator:
+    """A dense (N, n) matrix as an operator (the columns of an active set, and tests)."""
+
+    def __init__(self, A: torch.Tensor):
+        self.A = A
+
+    @property
+    def num_rows(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def num_cols(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    def matvec(self, w: torch.Tensor) -> torch.Tensor:
+        return self.A @ w.to(self.A.dtype)
+
+    def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
+        return self.A.T @ r.to(self.A.dtype)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DenseOperator:
+        return DenseOperator(self.A.to(device=device, dtype=dtype or self.A.dtype))
+
+
+class ColumnView:
+    """Columns `idx` of an operator without copying them (O(N p) per product, no extra memory)."""
+
+    def __init__(self, op: LinearOperator, idx: torch.Tensor):
+        self.op, self.idx = op, idx
+
+    @property
+    def num_rows(self) -> int:
+        return self.op.num_rows
+
+    @property
+    def num_cols(self) -> int:
+        return int(self.idx.numel())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return operator_dtype(self.op)
+
+    def matvec(self, w: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(self.op.num_cols, dtype=w.dtype, device=w.device)
+        full[self.idx] = w
+        return self.op.matvec(full)
+
+    def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
+        return self.op.rmatvec(r)[self.idx]
+
+
+def operator_dtype(op: Any) -> torch.dtype:
+    dtype = getattr(op, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    data = getattr(op, "data", None)
+    return data[0].dtype if data else torch.float32
+
+
+def cast_operator(op: Any, dtype: torch.dtype) -> Any:
+    """`op` in `dtype` (a copy when it differs; unchanged otherwise)."""
+    if operator_dtype(op) == dtype:
+        return op
+    if not hasattr(op, "to"):
+        raise TypeError(f"{type(op).__name__} cannot be cast to {dtype}")
+    device = getattr(op, "device", None)
+    if device is None:
+        device = op.data[0].device if getattr(op, "data", None) else "cpu"
+    return op.to(device, dtype)
+
+
+def iter_columns(op: Any, idx: torch.Tensor, chunk: int = 16384) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(positions in idx, dense G[:, idx[positions]]) chunk by chunk; idx sorted ascending.
+
+    Uses the column blocks of a `GradientMatrix` (memory or memory-mapped) or a dense operator's
+    matrix; never materialises more than one chunk of columns.
+    """
+    idx = idx.to("cpu")
+    if isinstance(op, DenseOperator):
+        for s in range(0, idx.numel(), chunk):
+            pos = torch.arange(s, min(s + chunk, idx.numel()))
+            yield pos, op.A[:, idx[pos].to(op.A.device)]
+        return
+    if isinstance(op, ColumnView):
+        yield from iter_columns(op.op, op.idx.to("cpu")[idx], chunk)
+        return
+    blocks, data = getattr(op, "blocks", None), getattr(op, "data", None)
+    if blocks is None or data is None:
+        raise TypeError(f"{type(op).__name__} gives no access to its columns (needs blocks/data)")
+    starts = torch.tensor([sl.start for sl in blocks] + [blocks[-1].stop])
+    edges = torch.searchsorted(idx, starts)
+    for b, (sl, gb) in enumerate(zip(blocks, data)):
+        lo, hi = int(edges[b]), int(edges[b + 1])
+        for s in range(lo, hi, chunk):
+            pos = torch.arange(s, min(s + chunk, hi))
+            local = (idx[pos] - sl.start).to(gb.device)
+            yield pos, gb[:, local]
+
+
+def gather_columns(op: Any, idx: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense (N, len(idx)) copy of the columns idx (sorted ascending) of G."""
+    parts = [cols.to(dtype) if dtype is not None else cols for _, cols in iter_columns(op, idx)]
+    if not parts:
+        return torch.zeros(op.num_rows, 0, dtype=dtype or operator_dtype(op))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def restrict(op: Any, idx: torch.Tensor, max_fraction: float = 0.5) -> Any:
+    """The columns idx of G as an operator: a dense copy when they are at most `max_fraction` of
+    the columns (products then cost O(N |idx|)), else a no-copy view."""
+    if idx.numel() == op.num_cols:
+        return op
+    if idx.numel() <= max_fraction * op.num_cols:
+        return DenseOperator(gather_columns(op, idx))
+    return ColumnView(op, idx)
+
+
+def power_sigma_sq(op: Any, weights: torch.Tensor | None = None, iters: int = 30,
+                   seed: int = 0) -> float:
+    """sigma_max(sqrt(W) G)^2 by power iteration on G^T W G (a lower bound that converges)."""
+    n = op.num_cols
+    if n == 0:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    dtype = operator_dtype(op)
+    v = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    dev = getattr(op, "device", None)
+    if isinstance(dev, torch.device):
+        v = v.to(dev)
+    v = v / v.norm()
+    est = 0.0
+    for _ in range(max(iters, 1)):
+        Gv = op.matvec(v)
+        if weights is not None:
+            Gv = Gv * weights.to(Gv.dtype)
+        u = op.rmatvec(Gv)
+        nu = float(u.norm())
+        if nu == 0.0:
+            return 0.0
+        est = nu
+        v = u / nu
+    return est
+
+
+# ----------------------------------------------------------------------------------------- plans
+class Plan:
+    """A transport plan Pi (N x N) between the targets y (rows) and predictions yhat (columns)."""
+
+    kind: str = "plan"
+    n: int
+
+    def apply(self, r: torch.Tensor) -> torch.Tensor:
+        """Pi r."""
+        raise NotImplementedError
+
+    def apply_t(self, r: torch.Tensor) -> torch.Tensor:
+        """Pi^T r."""
+        raise NotImplementedError
+
+    def row_marginal(self) -> torch.Tensor:
+        return self.apply(torch.ones(self.n, dtype=torch.float64))
+
+    def col_marginal(self) -> torch.Tensor:
+        return self.apply_t(torch.ones(self.n, dtype=torch.float64))
+
+    def dense(self) -> torch.Tensor:
+        return self.apply(torch.eye(self.n, dtype=torch.float64))
+
+    def entropy(self) -> float:
+        """-sum Pi log Pi (0 log 0 = 0)."""
+        P = self.dense()
+        P = P[P > 0]
+        return float(-(P * P.log()).sum())
+
+    def scaled_apply(self, r: torch.Tensor) -> torch.Tensor:
+        """(N Pi) r, the residual mixing of the paper-era direction."""
+        return self.n * self.apply(r)
+
+    def weighted_targets(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(omega, z, C) with (N/2) sum Pi_ij (y_i - yhat_j)^2 = 1/2 sum omega (yhat - z)^2 + C."""
+        y = y.to(torch.float64)
+        a, b = self.row_marginal(), self.col_marginal()
+        Pty = self.apply_t(y)
+        pos = b > 0
+        z = torch.where(pos, Pty / torch.where(pos, b, torch.ones_like(b)), y)
+        omega = self.n * b
+        const = 0.5 * self.n * float((a * y * y).sum() - (b * z * z).sum())
+        return omega, z, max(const, 0.0)
+
+
+class IdentityPlan(Plan):
+    """Pi = I/N: no transport, the LR objective."""
+
+    kind = "identity"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def apply(self, r: torch.Tensor) -> torch.Tensor:
+        return r / self.n
+
+    def apply_t(self, r: torch.Tensor) -> torch.Tensor:
+        return r / self.n
+
+    def entropy(self) -> float:
+        return math.log(self.n)
+
+    def scaled_apply(self, r: torch.Tensor) -> torch.Tensor:
+        return r
+
+    def weighted_targets(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        y = y.to(torch.float64)
+        return torch.ones_like(y), y.clone(), 0.0
+
+
+class PermutationPlan(Plan):
+    """Pi_{i, perm[i]} = 1/N (the exact 1-D OT plan for epsilon = 0)."""
+
+    kind = "permutation"
+
+    def __init__(self, perm: torch.Tensor):
+        self.perm = perm.to(torch.long)
+        self.n = int(perm.numel())
+
+    def apply(self, r: torch.Tensor) -> torch.Tensor:
+        return r[self.perm.to(r.device)] / self.n
+
+    def apply_t(self, r: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(r)
+        out[self.perm.to(r.device)] = r
+        return out / self.n
+
+    def entropy(self) -> float:
+        return math.log(self.n)
+
+    def scaled_apply(self, r: torch.Tensor) -> torch.Tensor:
+        return r[self.perm.to(r.device)]
+
+    def dense(self) -> torch.Tensor:
+        P = torch.zeros(self.n, self.n, dtype=torch.float64)
+        P[torch.arange(self.n), self.perm.cpu()] = 1.0 / self.n
+        return P
+
+    def weighted_targets(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        y = y.to(torch.float64)
+        z = torch.empty_like(y)
+        z[self.perm.to(y.device)] = y
+        return torch.ones_like(y), z, 0.0
+
+
+class UniformPlan(Plan):
+    """Pi = 1/N^2 (epsilon = infinity): only the mean and spread of y and yhat are matched."""
+
+    kind = "uniform"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def apply(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(r, float(r.sum()) / self.n ** 2)
+
+    def apply_t(self, r: torch.Tensor) -> torch.Tensor:
+        return self.apply(r)
+
+    def entropy(self) -> float:
+        return 2.0 * math.log(self.n)
+
+    def scaled_apply(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(r, float(r.mean()))
+
+    def weighted_targets(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        y = y.to(torch.float64)
+        mean = float(y.mean())
+        return torch.ones_like(y), torch.full_like(y, mean), 0.5 * self.n * float((y * y).mean() - mean * mean)
+
+
+class DensePlan(Plan):
+    """An explicit N x N plan (Sinkhorn)."""
+
+    kind = "dense"
+
+    def __init__(self, P: torch.Tensor):
+        self.P = P.to(torch.float64)
+        self.n = int(P.shape[0])
+
+    def apply(self, r: torch.Tensor) -> torch.Tensor:
+        return (self.P.to(r.device) @ r.to(torch.float64)).to(r.dtype)
+
+    def apply_t(self, r: torch.Tensor) -> torch.Tensor:
+        return (self.P.to(r.device).T @ r.to(torch.float64)).to(r.dtype)
+
+    def row_marginal(self) -> torch.Tensor:
+        return self.P.sum(1)
+
+    def col_marginal(self) -> torch.Tensor:
+        return self.P.sum(0)
+
+    def dense(self) -> torch.Tensor:
+        return self.P.clone()
+
+
+# ------------------------------------------------------------------------------------ objective
+class PlanRegression:
+    """Q(w) for a fixed plan, evaluated from yhat = G w (see the module docstring).
+
+    `offset` is the constant (N lam / 2)||w_bar||^2 over the columns left out when the problem is
+    restricted to an active set, so restricted values equal Q of the embedded full vector.
+    """
+
+    def __init__(self, y: torch.Tensor, w_bar: torch.Tensor, lam: float, plan: Plan,
+                 direction: str = "paper", offset: float = 0.0):
+        if direction not in DIRECTIONS:
+            raise ConfigError("method.direction", direction, ", ".join(DIRECTIONS))
+        self.y, self.w_bar, self.lam, self.plan, self.direction = y, w_bar, float(lam), plan, direction
+        self.n = int(y.numel())
+        self.nlam = self.n * self.lam
+        omega, z, const = plan.weighted_targets(y)
+        self.omega, self.z, self.const = omega.to(y.device), z.to(y.device), const
+        self.offset = float(offset)
+        self._unit = isinstance(plan, IdentityPlan | PermutationPlan | UniformPlan)
+
+    def restrict(self, idx: torch.Tensor) -> PlanRegression:
+        keep = torch.zeros(self.w_bar.numel(), dtype=torch.bool, device=self.w_bar.device)
+        keep[idx] = True
+        rest = self.w_bar[~keep].to(torch.float64)
+        sub = PlanRegression.__new__(PlanRegression)
+        sub.__dict__.update(self.__dict__)
+        sub.w_bar = self.w_bar[idx]
+        sub.offset = self.offset + 0.5 * self.nlam * float(rest @ rest)
+        return sub
+
+    # --- values
+    def value(self, w: torch.Tensor, yhat: torch.Tensor) -> float:
+        e = yhat.to(torch.float64) - self.z
+        data = 0.5 * float(e @ e) if self._unit else 0.5 * float((self.omega * e) @ e)
+        dw = w.to(torch.float64) - self.w_bar.to(torch.float64)
+        return data + self.const + 0.5 * self.nlam * float(dw @ dw) + self.offset
+
+    def grad_residual(self, yhat: torch.Tensor) -> torch.Tensor:
+        """omega * (yhat - z): G^T of it plus the ridge term is the exact gradient."""
+        e = yhat.to(torch.float64) - self.z
+        return (e if self._unit else self.omega * e).to(yhat.dtype)
+
+    def direction_residual(self, yhat: torch.Tensor) -> torch.Tensor:
+        if self.direction == "gradient":
+            return self.grad_residual(yhat)
+        r = yhat.to(torch.float64) - self.y.to(torch.float64)
+        return self.plan.scaled_apply(r).to(yhat.dtype)
+
+    def direction_vec(self, op: Any, w: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
+        d = op.rmatvec(self.direction_residual(yhat)).to(w.dtype)
+        return d + self.nlam * (w - self.w_bar.to(w.dtype))
+
+    def grad_dot(self, v: torch.Tensor, Gv: torch.Tensor, w: torch.Tensor, yhat: torch.Tensor) -> float:
+        """<grad Q(w), v>, using Gv = G v (no extra product with G)."""
+        gr = self.grad_residual(yhat).to(torch.float64)
+        dw = w.to(torch.float64) - self.w_bar.to(torch.float64)
+        return float(gr @ Gv.to(torch.float64)) + self.nlam * float(dw @ v.to(torch.float64))
+
+    def curvature(self, v: torch.Tensor, Gv: torch.Tensor) -> float:
+        """v^T H v with H = G^T Omega G + N lam I."""
+        g = Gv.to(torch.float64)
+        data = float(g @ g) if self._unit else float((self.omega * g) @ g)
+        vv = v.to(torch.float64)
+        return data + self.nlam * float(vv @ vv)
+
+    def lipschitz(self, op: Any, iters: int) -> float:
+        weights = None if self._unit else self.omega
+        return 1.05 * (power_sigma_sq(op, weights, iters) + self.nlam)
+
+
+# ---------------------------------------------------------------------------------- solver config
+@dataclass(frozen=True)
+class SolverConfig:
+    """Knobs of the IHT solvers (CHITA's names in brackets). Shared by `lr` and `swap`."""
+
+    lam: float = 0.01                # ridge lambda: (N lam / 2)||w - w_bar||^2 (CHITA l2, SWAP lambda)
+    algorithm: str = "active_iht"    # active_iht | iht | backsolve
+    max_iter: int = 100              # IHT-LS iterations per solve [iht_max_itr]
+    ftol: float = 1e-7               # relative objective change that ends IHT-LS [ftol]
+    active_set_factor: float = 1.5   # initial active set: ceil(factor k) non-zeros [kimp]
+    active_set_rounds: int = 10      # outer active-set iterations [act_max_itr]
+    step_search: int = 5             # step expansions past the support-change bound [sea1_max_itr]
+    step_growth: float = 2.0         # expansion factor (CHITA 2; the SWAP code uses 1.05)
+    outlier_search: int = 10         # L halvings in the outlier search [sea2_max_itr]
+    backsolve_support: str = "magnitude"  # magnitude (top-k |w_bar|) | iht (support of one IHT step)
+    power_iters: int = 30            # power iterations for sigma_max(G)^2
+    precision: str = "auto"          # auto (G's dtype) | float32 | float64
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError("method.algorithm", self.algorithm, ", ".join(ALGORITHMS))
+        if self.precision not in PRECISIONS:
+            raise ConfigError("method.precision", self.precision, ", ".join(PRECISIONS))
+        if self.backsolve_support not in BACKSOLVE_SUPPORTS:
+            raise ConfigError("method.backsolve_support", self.backsolve_support, ", ".join(BACKSOLVE_SUPPORTS))
+        if not (isinstance(self.lam, int | float) and self.lam >= 0 and math.isfinite(self.lam)):
+            raise ConfigError("method.lam", self.lam, "a finite number >= 0")
+        for key in ("max_iter", "active_set_rounds", "step_search", "outlier_search", "power_iters"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"method.{key}", v, "an integer >= 0")
+        if not self.ftol >= 0:
+            raise ConfigError("method.ftol", self.ftol, "a number >= 0")
+        if not self.active_set_factor >= 1:
+            raise ConfigError("method.active_set_factor", self.active_set_factor, "a number >= 1")
+        if not self.step_growth > 1:
+            raise ConfigError("method.step_growth", self.step_growth, "a number > 1")
+
+    def compute_dtype(self, op: Any) -> torch.dtype:
+        if self.precision == "auto":
+            return operator_dtype(op)
+        return torch.float64 if self.precision == "float64" else torch.float32
+
+
+@dataclass
+class SolveResult:
+    w: torch.Tensor                  # (p,) solution, zero off the mask
+    mask: torch.Tensor               # (p,) bool, exactly k entries
+    objective: float                 # Q(w)
+    history: list[float] = field(default_factory=list)  # Q after the first k-sparse iterate and each step
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ IHT pieces
+def _hard_threshold(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = topk_mask(x.abs(), k)
+    return x * mask, mask
+
+
+def _support_change_bound(w: torch.Tensor, d: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest tau for which the top-k support of |w - tau d| is still `mask` (w zero off it)."""
+    off = ~mask
+    if not bool(off.any()):
+        return math.inf
+    m = float(d[off].abs().max())
+    wS, dS = w[mask].to(torch.float64), d[mask].to(torch.float64)
+    same = torch.sign(wS) == torch.sign(dS)
+    # same sign: |w| - tau|d| >= tau m; opposite sign: |w| + tau|d| >= tau m (binding only if |d| < m)
+    denom = torch.where(same, dS.abs() + m, m - dS.abs())
+    binding = same | (dS.abs() < m)
+    if not bool(binding.any()):
+        return math.inf
+    ratio = wS.abs()[binding] / denom[binding]
+    ratio = torch.where(denom[binding] > 0, ratio, torch.full_like(ratio, math.inf))
+    return float(ratio.min())
+
+
+def _plain_step(obj: PlanRegression, op: Any, w: torch.Tensor, yhat: torch.Tensor, k: int, L: float,
+                d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One IHT step w -> H_k(w - d / L) with its yhat and Q."""
+    if d is None:
+        d = obj.direction_vec(op, w, yhat)
+    x, mask = _hard_threshold(w - d / L, k)
+    yh = op.matvec(x).to(w.dtype)
+    return x, mask, yh, obj.value(x, yh)
+
+
+@dataclass
+class _State:
+    w: torch.Tensor
+    mask: torch.Tensor
+    yhat: torch.Tensor
+    f: float
+
+
+def _first_iterate(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, L: float,
+                   yhat0: torch.Tensor | None = None) -> tuple[_State, dict[str, Any]]:
+    """The better of H_k(w0) and one IHT step from w0 (L doubled up to 20 times while the step
+    increases Q, when w0 is already k-sparse and so feasible)."""
+    yhat0 = op.matvec(w0).to(w0.dtype) if yhat0 is None else yhat0
+    x0, m0 = _hard_threshold(w0, k)
+    feasible = int((w0 != 0).sum()) <= k
+    y0 = yhat0 if feasible else op.matvec(x0).to(w0.dtype)
+    best = _State(x0, m0, y0, obj.value(x0, y0))
+    d = obj.direction_vec(op, w0, yhat0)
+    for _ in range(20):
+        x, mask, yh, f = _plain_step(obj, op, w0, yhat0, k, L, d)
+        if f <= best.f:
+            return _State(x, mask, yh, f), {"L": L}
+        L *= 2.0
+    return best, {"L": L}
+
+
+def _ls_step(obj: PlanRegression, op: Any, s: _State, k: int, cfg: SolverConfig) -> tuple[_State, str]:
+    """One IHT step with exact line search from a k-sparse state (CHITA hard_thresholding_ls)."""
+    d = obj.direction_vec(op, s.w, s.yhat)
+    v = d * s.mask
+    Gv = op.matvec(v).to(s.w.dtype)
+    num, den = obj.grad_dot(v, Gv, s.w, s.yhat), obj.curvature(v, Gv)
+    tau_opt = num / den if den > 0 else 0.0
+    bound = _support_change_bound(s.w, d, s.mask)
+    if tau_opt > 0 and tau_opt < bound:
+        w = s.w - tau_opt * v
+        yhat = s.yhat - tau_opt * Gv
+        f = obj.value(w, yhat)
+        if f < s.f:
+            return _State(w, s.mask, yhat, f), "exact"
+        return s, "stalled"
+    tau = bound / (1.0 + 1e-4) if 0 < bound < math.inf else tau_opt
+    if not tau > 0:
+        return s, "stalled"
+    best, kind = s, "stalled"
+    for _ in range(max(cfg.step_search, 1)):
+        x, mask = _hard_threshold(s.w - tau * d, k)
+        yh = op.matvec(x).to(s.w.dtype)
+        f = obj.value(x, yh)
+        if f < best.f:
+            best, kind = _State(x, mask, yh, f), "expanded"
+        else:
+            break
+        tau *= cfg.step_growth
+    return best, kind
+
+
+def iht_ls(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig,
+           L: float | None = None) -> SolveResult:
+    """IHT with exact line search (CHITA Vanilla_IHTCDLS, cd_itr = 0) on the operator `op`."""
+    if L is None:
+        L = obj.lipschitz(op, cfg.power_iters)
+    s, first = _first_iterate(obj, op, w0, k, L)
+    history = [s.f]
+    kinds = {"exact": 0, "expanded": 0}
+    it = 0
+    while it < cfg.max_iter:
+        new, kind = _ls_step(obj, op, s, k, cfg)
+        if kind == "stalled":
+            break
+        it += 1
+        kinds[kind] += 1
+        history.append(new.f)
+        done = abs(s.f - new.f) <= cfg.ftol * max(abs(s.f), abs(new.f))
+        s = new
+        if done:
+            break
+    info = {"iterations": it, "steps_exact": kinds["exact"], "steps_expanded": kinds["expanded"], "L": first["L"]}
+    return SolveResult(s.w, s.mask, s.f, history, info)
+
+
+def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
+    """CHITA Active_IHTCDLS (cd_itr = 0): IHT-LS on a growing active set of columns."""
+    p = op.num_cols
+    k_act = max(min(math.ceil(cfg.active_set_factor * k), p), k)
+    if k_act >= p:
+        res = iht_ls(obj, op, w0, k, cfg)
+        res.info.update(active_set_rounds=0, active_set_size=p)
+        return res
+    L = obj.lipschitz(op, cfg.power_iters)
+    yhat0 = op.matvec(w0).to(w0.dtype)
+    _, active, _, _ = _plain_step(obj, op, w0, yhat0, k_act, L)
+    w = w0.clone()
+    history: list[float] = []
+    iterations, rounds, outliers_total = 0, 0, 0
+    s: _State | None = None
+    while True:
+        idx = active.nonzero().squeeze(1)
+        opA = restrict(op, idx)
+        objA = obj.restrict(idx)
+        res = iht_ls(objA, opA, w[idx], k, cfg)
+        iterations += res.info["iterations"]
+        w = torch.zeros_like(w0)
+        w[idx] = res.w
+        mask = torch.zeros(p, dtype=torch.bool, device=w0.device)
+        mask[idx] = res.mask
+        yhat = opA.matvec(res.w).to(w0.dtype)
+        s = _State(w, mask, yhat, obj.value(w, yhat))
+        history.extend(res.history)  # restricted values equal Q of the embedded vector (offset)
+        rounds += 1
+        if rounds >= max(cfg.active_set_rounds, 1):
+            break
+        # outlier search: full IHT steps from s with L = 2 L_A, L_A, L_A / 2, ...
+        L_try = 2.0 * res.info["L"]
+        d = obj.direction_vec(op, s.w, s.yhat)
+        best, grew = s, False
+        for _ in range(cfg.outlier_search):
+            x, m, yh, f = _plain_step(obj, op, s.w, s.yhat, k, L_try, d)
+            outside = m & ~active
+            if bool(outside.any()) and f < best.f:
+                best, grew = _State(x, m, yh, f), True
+            elif f >= best.f:
+                break
+            L_try /= 2.0
+        if not grew:
+            break
+        outliers_total += int((best.mask & ~active).sum())
+        active = active | best.mask
+        s = best
+        w = s.w
+        history.append(s.f)
+    info = {"iterations": iterations, "active_set_rounds": rounds, "active_set_size": int(active.sum()),
+            "outliers_added": outliers_total, "L": L}
+    return SolveResult(s.w, s.mask, s.f, history, info)
+
+
+def backsolve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
+    """CHITA Heuristic_LS: fix a support, then the exact ridge minimiser of Q on it."""
+    p = op.num_cols
+    if cfg.backsolve_support == "magnitude":
+        mask = topk_mask(obj.w_bar.abs().to(torch.float64), k)
+    else:
+        L = obj.lipschitz(op, cfg.power_iters)
+        yhat0 = op.matvec(w0).to(w0.dtype)
+        _, mask, _, _ = _plain_step(obj, op, w0, yhat0, k, L)
+    idx = mask.nonzero().squeeze(1)
+    dtype = w0.dtype
+    n, mu = obj.n, obj.nlam
+    omega = obj.omega.to(dtype)
+    w_bar_S = obj.w_bar[idx].to(dtype)
+    # c = G_S^T Omega z + mu w_bar_S
+    c = op.rmatvec((omega * obj.z.to(dtype)).to(dtype)).to(dtype)[idx] + mu * w_bar_S
+    if k == 0:
+        wS = torch.zeros(0, dtype=dtype, device=w0.device)
+        route = "empty"
+    elif k <= n:
+        GS = gather_columns(op, idx.cpu(), dtype).to(w0.device)
+        H = GS.T @ (omega[:, None] * GS)
+        H.diagonal().add_(mu)
+        wS = _spd_solve(H, c, "method.lam", cfg.lam)
+        route = "primal"
+    else:
+        if mu <= 0:
+            raise ConfigError("method.lam", cfg.lam, "> 0 for algorithm=backsolve when N < k",
+                              "makes the support system singular")
+        K = torch.zeros(n, n, dtype=dtype, device=w0.device)
+        for _, cols in iter_columns(op, idx.cpu()):
+            cols = cols.to(device=w0.device, dtype=dtype)
+            K += cols @ cols.T
+        sq = omega.clamp_min(0).sqrt()
+        M = sq[:, None] * K * sq[None, :]
+        M.diagonal().add_(mu)
+        full_c = torch.zeros(p, dtype=dtype, device=w0.device)
+        full_c[idx] = c
+        Ac = sq * op.matvec(full_c).to(dtype)                      # sqrt(Omega) G_S c
+        u = _spd_solve(M, Ac, "method.lam", cfg.lam)
+        wS = (c - op.rmatvec((sq * u).to(dtype)).to(dtype)[idx]) / mu  # Woodbury
+        route = "woodbury"
+    w = torch.zeros(p, dtype=dtype, device=w0.device)
+    w[idx] = wS
+    yhat = op.matvec(w).to(dtype)
+    f = obj.value(w, yhat)
+    return SolveResult(w, mask, f, [f], {"iterations": 0, "backsolve": route})
+
+
+def _spd_solve(A: torch.Tensor, b: torch.Tensor, key: str, value: Any) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(b[:, None], L).squeeze(1)
+    try:
+        return torch.linalg.solve(A, b)
+    except RuntimeError as exc:
+        raise ConfigError(key, value, "a larger value", f"leaves the support system singular ({exc})") from None
+
+
+def solve(op: Any, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: int, plan: Plan,
+          cfg: SolverConfig, direction: str = "paper") -> SolveResult:
+    """min Q(w) s.t. ||w||_0 <= k from the start w0, with the algorithm of `cfg`.
+
+    `op` is G (any `LinearOperator`; a `GradientMatrix` in the pipeline), y = G w_bar, `plan` the
+    transport plan (IdentityPlan for LR). Computation runs in `cfg.precision`; w is returned in
+    w0's dtype.
+    """
+    p = op.num_cols
+    if not 0 <= k <= p:
+        raise ValueError(f"k={k} is outside [0, {p}]")
+    out_dtype = w0.dtype
+    dtype = cfg.compute_dtype(op)
+    op = cast_operator(op, dtype)
+    dev = getattr(op, "device", w0.device)
+    dev = dev if isinstance(dev, torch.device) else w0.device
+    w0c, w_bar_c, yc = w0.to(dev, dtype), w_bar.to(dev, dtype), y.to(dev, dtype)
+    obj = PlanRegression(yc, w_bar_c, cfg.lam, plan, direction)
+    if k == 0:
+        w = torch.zeros_like(w0c)
+        f = obj.value(w, torch.zeros_like(yc))
+        res = SolveResult(w, torch.zeros(p, dtype=torch.bool, device=dev), f, [f], {"iterations": 0})
+    elif cfg.algorithm == "backsolve":
+        res = backsolve(obj, op, w0c, k, cfg)
+    elif cfg.algorithm == "iht":
+        res = iht_ls(obj, op, w0c, k, cfg)
+    else:
+        res = active_set_iht(obj, op, w0c, k, cfg)
+    res.w = (res.w * res.mask).to(w0.device, out_dtype)
+    res.mask = res.mask.to(w0.device)
+    return res

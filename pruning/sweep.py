@@ -1,0 +1,274 @@
+"""Status of a sweep directory: which cells of the launched grid completed, failed, are still
+running (or were killed) and which never started, with the overrides that rerun them.
+
+The expected grid is rebuilt from `<sweep_dir>/multirun.yaml` (written by Hydra when the sweep
+starts) exactly as Hydra's basic sweeper builds it: `hydra.sweeper.params` followed by the
+command-line overrides in `hydra.overrides.task` (a later value of a key replaces an earlier one),
+then the cartesian product. A cell is identified by its result-relevant overrides and its seed
+(the same identity as the run directory and `run_id`), so the matching does not depend on
+`hydra.sweep.subdir`.
+
+    status = sweep_status("outputs/sweeps/study1")
+    print(status.summary())            # counts, failed/missing cells, relaunch command
+    status.missing                     # [Cell(overrides=[...], run_dir=..., status="missing")]
+
+Reused by the report (`pruning.report`), the multirun-end callback and the Slurm tooling.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pruning.config import result_overrides, run_dirname
+from pruning.record import read_json
+
+STATUSES = ("completed", "failed", "running", "missing")
+
+
+@dataclass
+class Cell:
+    """One job of a sweep. `overrides` are the job's full overrides (what reruns it)."""
+
+    overrides: list[str]
+    run_dir: Path
+    status: str
+    error: str | None = None
+    expected: bool = True
+
+    def command_args(self) -> str:
+        return " ".join(shlex.quote(o) for o in self.overrides)
+
+
+@dataclass
+class SweepStatus:
+    sweep_dir: Path
+    cells: list[Cell] = field(default_factory=list)
+    grid_size: int | None = None          # None when the grid could not be rebuilt
+    grid_error: str | None = None          # why not (no multirun.yaml, non-grid sweeper, ...)
+    relaunch: str | None = None            # the original sweep command (skips completed cells)
+
+    def _with(self, status: str) -> list[Cell]:
+        return [c for c in self.cells if c.status == status]
+
+    @property
+    def completed(self) -> list[Cell]:
+        return self._with("completed")
+
+    @property
+    def failed(self) -> list[Cell]:
+        return self._with("failed")
+
+    @property
+    def running(self) -> list[Cell]:
+        return self._with("running")
+
+    @property
+    def missing(self) -> list[Cell]:
+        return self._with("missing")
+
+    @property
+    def to_rerun(self) -> list[Cell]:
+        """Failed, missing and still-'running' (possibly killed) cells."""
+        return [c for c in self.cells if c.status in ("failed", "missing", "running")]
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self._with(s)) for s in STATUSES}
+
+    def summary(self, max_cells: int = 20) -> str:
+        """Human-readable status: counts, failed and missing cells, how to relaunch."""
+        c = self.counts()
+        expected = f" of {self.grid_size} expected" if self.grid_size is not None else ""
+        lines = [f"sweep {self.sweep_dir}: {c['completed']} completed, {c['failed']} failed, "
+                 f"{c['running']} running or killed, {c['missing']} missing{expected}"]
+        if self.grid_error:
+            lines.append(f"  (missing cells unknown: {self.grid_error})")
+        for status in ("failed", "running", "missing"):
+            cells = self._with(status)
+            for cell in cells[:max_cells]:
+                err = f"  # {cell.error.splitlines()[0][:120]}" if cell.error else ""
+                lines.append(f"  {status:8s} {cell.command_args()}{err}")
+            if len(cells) > max_cells:
+                lines.append(f"  ... and {len(cells) - max_cells} more {status} (see report/missing.txt)")
+        if self.to_rerun and self.relaunch:
+            lines.append("relaunch (completed cells are skipped, failed ones resumed):")
+            lines.append(f"  {self.relaunch}")
+        return "\n".join(lines)
+
+    def missing_text(self) -> str:
+        """Contents of report/missing.txt: one line of overrides per cell to rerun."""
+        lines = ["# cells to rerun (failed, running/killed, missing), one line of overrides each"]
+        if self.relaunch:
+            lines.append(f"# relaunch the whole sweep (completed cells are skipped): {self.relaunch}")
+        if self.grid_error:
+            lines.append(f"# missing cells unknown: {self.grid_error}")
+        for cell in self.to_rerun:
+            lines.append(f"{cell.command_args()}  # {cell.status}")
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- grid
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def cell_key(overrides: Sequence[str], default_seed: Any) -> tuple[tuple[str, ...], Any]:
+    """(sorted result-relevant overrides, seed): the identity shared with the run directory."""
+    seed = default_seed
+    for ov in overrides:
+        if _override_key(ov) == "seed":
+            seed = ov.split("=", 1)[1]
+    try:
+        seed = int(seed) if seed is not None else None
+    except (TypeError, ValueError):
+        pass
+    return tuple(result_overrides(overrides)), seed
+
+
+def _config_loader(cfg: DictConfig) -> Any:
+    """A Hydra config loader over the sweep's primary config dir (needed to expand glob(...))."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    for src in OmegaConf.select(cfg, "hydra.runtime.config_sources", default=None) or []:
+        if src.get("provider") == "main" and src.get("schema") == "file":
+            return ConfigLoaderImpl(config_search_path=create_config_search_path(str(src.path)))
+    return None
+
+
+def expected_grid(cfg: DictConfig) -> list[list[str]]:
+    """The jobs of a multirun config (`multirun.yaml`), as the basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    target = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or "")
+    if target and not target.endswith("BasicSweeper"):
+        raise ValueError(f"sweeper {target} does not define a grid")
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    args = [f"{k}={v}" for k, v in params.items()]
+    args += [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:
+        parsed = OverridesParser.create(config_loader=_config_loader(cfg)).parse_overrides(args)
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [list(job) for job in batches[0]]
+
+
+def relaunch_command(cfg: DictConfig) -> str | None:
+    """The command that launched the sweep (from multirun.yaml), runnable from any directory."""
+    try:
+        cwd = OmegaConf.select(cfg, "hydra.runtime.cwd", default=None)
+        config_name = OmegaConf.select(cfg, "hydra.job.config_name", default="config") or "config"
+        main_dir = None
+        for src in OmegaConf.select(cfg, "hydra.runtime.config_sources", default=None) or []:
+            if src.get("provider") == "main" and src.get("schema") == "file":
+                main_dir = Path(str(src.path))
+        args = ["python"]
+        launch = main_dir.parent / "launch.py" if main_dir is not None else None
+        args.append(str(launch) if launch is not None and launch.is_file() else "launch.py")
+        args.append("-m")
+        if main_dir is not None and (main_dir.name != "conf" or config_name != "config"):
+            args += ["-cd", str(main_dir), "-cn", str(config_name)]
+        hydra_ovs = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.hydra", default=None) or []
+                     if str(o) != "hydra.mode=MULTIRUN"]
+        args += [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []]
+        args += hydra_ovs
+        cmd = " ".join(shlex.quote(a) for a in args)
+        return f"cd {shlex.quote(str(cwd))} && {cmd}" if cwd else cmd
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------------- status
+
+def _read_overrides(run_dir: Path) -> list[str] | None:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return [str(o) for o in OmegaConf.load(path)]
+    except Exception:
+        return None
+
+
+def _existing_runs(sweep_dir: Path) -> list[tuple[Path, dict[str, Any] | None, list[str] | None]]:
+    """(run_dir, result.json or None, .hydra/overrides.yaml or None) of every run under the sweep."""
+    dirs: set[Path] = set()
+    for pattern in ("**/result.json", "**/.hydra/overrides.yaml"):
+        for p in sweep_dir.glob(pattern):
+            run_dir = p.parent if p.name == "result.json" else p.parent.parent
+            if "report" not in run_dir.relative_to(sweep_dir).parts[:1]:
+                dirs.add(run_dir)
+    return [(d, read_json(d / "result.json"), _read_overrides(d)) for d in sorted(dirs)]
+
+
+def _run_key(record: dict[str, Any] | None, overrides: list[str] | None, default_seed: Any) -> Any:
+    if overrides is not None:
+        return cell_key(overrides, default_seed)
+    if record is not None:
+        seed = (record.get("index") or {}).get("seed", default_seed)
+        return tuple(result_overrides(record.get("overrides") or [])), seed
+    return None
+
+
+def sweep_status(sweep_dir: str | Path) -> SweepStatus:
+    """Completed / failed / running / missing cells of a sweep directory.
+
+    Missing = the grid of `multirun.yaml` minus the cells that have a `result.json`. Without a
+    readable multirun.yaml only existing runs are listed (`grid_error` says why)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    status = SweepStatus(sweep_dir=sweep_dir)
+    default_seed: Any = 0
+    grid: list[list[str]] | None = None
+    mr = sweep_dir / "multirun.yaml"
+    if mr.is_file():
+        try:
+            cfg = OmegaConf.load(mr)
+            default_seed = OmegaConf.select(cfg, "seed", default=0, throw_on_resolution_failure=False)
+            status.relaunch = relaunch_command(cfg)
+            grid = expected_grid(cfg)
+            status.grid_size = len(grid)
+        except Exception as exc:
+            status.grid_error = f"cannot rebuild the grid from {mr}: {type(exc).__name__}: {exc}"
+    else:
+        status.grid_error = f"no multirun.yaml in {sweep_dir}"
+
+    runs: dict[Any, tuple[Path, dict[str, Any] | None, list[str] | None]] = {}
+    for run_dir, record, overrides in _existing_runs(sweep_dir):
+        key = _run_key(record, overrides, default_seed)
+        if key is not None:
+            runs[key] = (run_dir, record, overrides)
+
+    def cell_from(run: tuple[Path, dict[str, Any] | None, list[str] | None], job: list[str] | None,
+                  expected: bool) -> Cell:
+        run_dir, record, overrides = run
+        ovs = job or overrides or [*(record or {}).get("overrides", []),
+                                   f"seed={(record or {}).get('index', {}).get('seed', default_seed)}"]
+        if record is None:
+            return Cell(list(ovs), run_dir, "missing", None, expected)
+        st = record.get("status", "running")
+        st = st if st in STATUSES else "running"
+        return Cell(list(ovs), run_dir, st, record.get("error"), expected)
+
+    seen = set()
+    for job in grid or []:
+        key = cell_key(job, default_seed)
+        seen.add(key)
+        if key in runs:
+            status.cells.append(cell_from(runs[key], job, True))
+        else:
+            run_dir = sweep_dir / run_dirname(job) / f"seed={key[1]}"
+            status.cells.append(Cell(list(job), run_dir, "missing"))
+    for key, run in runs.items():
+        if key not in seen:
+            status.cells.append(cell_from(run, None, grid is None))
+    return status

@@ -1,0 +1,330 @@
+"""Sweep reports (issue 8): golden Markdown from synthetic run records, the paired t-interval by
+hand, failed/missing cells from multirun.yaml, plots, the W&B loader on objects shaped like
+`wandb.Api` runs, `--to-wandb` in offline mode, and the multirun-end callback end to end.
+
+Regenerate the golden file after an intended format change with
+`UPDATE_GOLDEN=1 python -m pytest tests/test_report.py -k golden`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from pruning.callbacks import ReportCallback
+from pruning.config import result_overrides, run_dirname
+from pruning.record import atomic_write_json, read_json, run_id_for
+from pruning.report import (
+    load_local,
+    main,
+    paired_ci,
+    paired_differences,
+    render_markdown,
+    report_sweep,
+    rows_from_wandb,
+    summarize,
+    to_frame,
+)
+from pruning.sweep import expected_grid, sweep_status
+from pruning.tracking import wandb_config, wandb_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "report_synth.md"
+
+# final_acc = BASE[method, sparsity] - 0.05 (kappa - 1) + OFFSET[method][seed]
+BASE = {("magnitude", 0.5): 0.90, ("magnitude", 0.9): 0.70, ("swap", 0.5): 0.92, ("swap", 0.9): 0.80}
+OFFSET = {"magnitude": (0.0, 0.01, 0.02), "swap": (0.01, 0.03, 0.02)}
+FAILED = ("swap", 0.9, 2, 2)       # (method, sparsity, kappa, seed): result.json says failed
+MISSING = ("magnitude", 0.9, 2, 2)  # never ran: no directory
+
+
+def synthetic_multirun(sweep_dir: Path) -> None:
+    """A multirun.yaml as Hydra writes it for `launch.py -cd sweeps -cn synth noise=gradient 'seed=range(3)'`."""
+    cfg = {
+        "hydra": {
+            "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                        "max_batch_size": None,
+                        "params": {"method": "magnitude,swap", "sparsity": "0.5,0.9", "noise.kappa": "1,2"}},
+            "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": ["noise=gradient", "seed=range(3)"]},
+            "job": {"config_name": "synth"},
+            "runtime": {"cwd": "/project",
+                        "config_sources": [{"path": "/project/sweeps", "schema": "file", "provider": "main"}]},
+        },
+        "sweep_name": "synth",
+        "seed": 0,
+    }
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(cfg), sweep_dir / "multirun.yaml")
+
+
+def synthetic_record(method: str, sparsity: float, kappa: int, seed: int) -> tuple[list[str], dict]:
+    job = [f"method={method}", f"sparsity={sparsity}", f"noise.kappa={kappa}", "noise=gradient", f"seed={seed}"]
+    overrides = result_overrides(job)
+    failed = (method, sparsity, kappa, seed) == FAILED
+    metrics = {"dense_acc": 0.95, "dense_loss": 0.2}
+    if not failed:
+        acc = BASE[method, sparsity] - 0.05 * (kappa - 1) + OFFSET[method][seed]
+        metrics.update(pruned_acc=acc - 0.1, finetuned_acc=None, final_acc=acc, final_loss=1.0 - acc,
+                       sparsity_prunable=sparsity)
+    rec = {
+        "schema": 1, "status": "failed" if failed else "completed",
+        "run_id": run_id_for("synth", overrides, seed), "sweep": "synth", "overrides": overrides,
+        "index": {"model": "mlp", "dataset": "digits", "method": method, "schedule": "oneshot",
+                  "noise": "gradient", "noise_level": float(kappa), "sparsity": sparsity, "seed": seed,
+                  "sweep": "synth"},
+        "metrics": metrics, "stages": [], "noise": {"kind": "gradient", "kappa": kappa},
+        "timings": {"total": 1.5}, "env": {},
+        "error": "RuntimeError: CUDA out of memory\nTraceback ..." if failed else None,
+        "attempt": 1,
+    }
+    return job, rec
+
+
+def write_synthetic_sweep(root: Path) -> Path:
+    sweep_dir = root / "sweeps" / "synth"
+    synthetic_multirun(sweep_dir)
+    for method in ("magnitude", "swap"):
+        for sparsity in (0.5, 0.9):
+            for kappa in (1, 2):
+                for seed in range(3):
+                    if (method, sparsity, kappa, seed) == MISSING:
+                        continue
+                    job, rec = synthetic_record(method, sparsity, kappa, seed)
+                    run_dir = sweep_dir / run_dirname(job) / f"seed={seed}"
+                    rec["run_dir"] = str(run_dir)
+                    atomic_write_json(run_dir / "result.json", rec)
+    return sweep_dir
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    return write_synthetic_sweep(tmp_path)
+
+
+# ------------------------------------------------------------------ golden
+
+def test_golden_markdown(sweep_dir):
+    report = report_sweep(sweep_dir, plots=False)
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(report.markdown)
+    assert report.markdown == GOLDEN.read_text()
+    assert (sweep_dir / "report" / "table.md").read_text() == report.markdown
+
+
+def test_golden_numbers_by_hand(sweep_dir):
+    """Spot-check the golden table against hand computation (not against the code)."""
+    md = report_sweep(sweep_dir, plots=False).markdown
+    # magnitude, s=0.5, kappa=1: 0.90, 0.91, 0.92 -> mean 0.91, sample std 0.01
+    # swap,      s=0.5, kappa=1: 0.93, 0.95, 0.94 -> mean 0.94, sample std 0.01 (best in the row)
+    assert "| 0.5 | 0.9500 ± 0.0000 (n=6) | 0.9100 ± 0.0100 (n=3) | **0.9400 ± 0.0100 (n=3)** |" in md
+    # s=0.9, kappa=2: magnitude seeds 0, 1 (seed 2 missing): 0.65, 0.66; swap seeds 0, 1 (2 failed): 0.76, 0.78
+    assert "| 0.9 | 0.9500 ± 0.0000 (n=4) | 0.6550 ± 0.0071 (n=2) | **0.7700 ± 0.0141 (n=2)** |" in md
+    # paired swap - magnitude at s=0.5, kappa=1: 0.03, 0.04, 0.02 -> mean 0.03, sd 0.01,
+    # half width t(0.975, 2) * 0.01 / sqrt(3) = 4.302653 * 0.0057735 = 0.024841
+    assert "| 0.5 | swap | 3 | +0.0300 | [+0.0052, +0.0548] * |" in md
+
+
+# ------------------------------------------------------------------ paired
+
+def test_paired_ci_matches_hand_computation():
+    ci = paired_ci([0.02, 0.04, 0.03])
+    assert ci.n == 3
+    assert ci.mean == pytest.approx(0.03)
+    assert ci.std == pytest.approx(0.01)
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t_{0.975, 2} from a t table
+    assert ci.low == pytest.approx(0.03 - half, abs=1e-12)
+    assert ci.high == pytest.approx(0.03 + half, abs=1e-12)
+    one = paired_ci([0.5])
+    assert one.n == 1 and one.mean == 0.5 and math.isnan(one.low)
+
+
+def test_paired_differences_only_pair_same_seed_and_cell():
+    def row(method: str, seed: int, acc: float, sparsity: float = 0.9) -> dict:
+        return {"model": "m", "dataset": "d", "method": method, "method_label": method, "schedule": "oneshot",
+                "noise": "none", "noise_level": 0.0, "noise_label": "none", "variant": "",
+                "sparsity": sparsity, "seed": seed, "status": "completed", "final_acc": acc, "run": f"{method}{seed}"}
+
+    df = to_frame([
+        row("magnitude", 0, 0.70), row("magnitude", 1, 0.72), row("magnitude", 2, 0.71),
+        row("swap", 0, 0.72), row("swap", 1, 0.76), row("swap", 2, 0.74),
+        row("swap", 3, 0.99),                      # no magnitude run with seed 3: not paired
+        row("swap", 0, 0.10, sparsity=0.5),        # another cell without a reference: not paired
+    ])
+    paired = paired_differences(df, "final_acc", "magnitude")
+    assert len(paired) == 1
+    r = paired.iloc[0]
+    assert r.method_label == "swap" and r.n == 3 and r.sparsity == 0.9
+    # diffs 0.02, 0.04, 0.03
+    assert r.mean_diff == pytest.approx(0.03)
+    assert r.ci_low == pytest.approx(0.03 - 4.302652729911275 * 0.01 / math.sqrt(3))
+
+
+# ----------------------------------------------------------- sweep status
+
+def test_failed_and_missing_from_multirun_yaml(sweep_dir):
+    status = sweep_status(sweep_dir)
+    assert status.grid_size == 2 * 2 * 2 * 3 and status.grid_error is None
+    assert status.counts() == {"completed": 22, "failed": 1, "running": 0, "missing": 1}
+    (failed,) = status.failed
+    assert failed.overrides == ["method=swap", "sparsity=0.9", "noise.kappa=2", "noise=gradient", "seed=2"]
+    assert "CUDA out of memory" in failed.error
+    (missing,) = status.missing
+    assert missing.overrides == ["method=magnitude", "sparsity=0.9", "noise.kappa=2", "noise=gradient", "seed=2"]
+    assert missing.run_dir == sweep_dir / "method=magnitude,noise.kappa=2,noise=gradient,sparsity=0.9" / "seed=2"
+    assert status.relaunch == "cd /project && python launch.py -m -cd /project/sweeps -cn synth noise=gradient 'seed=range(3)'"
+    report_sweep(sweep_dir, plots=False)
+    lines = (sweep_dir / "report" / "missing.txt").read_text().splitlines()
+    assert "method=swap sparsity=0.9 noise.kappa=2 noise=gradient seed=2  # failed" in lines
+    assert "method=magnitude sparsity=0.9 noise.kappa=2 noise=gradient seed=2  # missing" in lines
+    text = status.summary()
+    assert "22 completed, 1 failed, 0 running or killed, 1 missing of 24 expected" in text
+
+
+def test_running_record_is_listed_for_rerun(sweep_dir):
+    path = next(sweep_dir.glob("method=swap,noise.kappa=1,*sparsity=0.5/seed=0/result.json"))
+    rec = read_json(path)
+    rec["status"] = "running"  # killed mid-run: never finished
+    atomic_write_json(path, rec)
+    status = sweep_status(sweep_dir)
+    assert [c.run_dir for c in status.running] == [path.parent]
+    assert len(status.to_rerun) == 3
+
+
+def test_sweep_without_runs_lists_every_cell_missing(tmp_path):
+    sweep_dir = tmp_path / "empty"
+    synthetic_multirun(sweep_dir)
+    report = report_sweep(sweep_dir)
+    assert report.status.counts()["missing"] == 24
+    assert "No completed runs yet." in report.markdown and report.markdown.count("| missing |") == 24
+    assert not list((sweep_dir / "report").glob("*.png"))
+
+
+def test_cli_overrides_replace_sweeper_params(tmp_path):
+    cfg = OmegaConf.create({"hydra": {"sweeper": {"params": {"seed": "range(5)", "sparsity": "0.5,0.9"}},
+                                      "overrides": {"task": ["seed=0,1", "method=swap"]}}})
+    grid = expected_grid(cfg)
+    assert len(grid) == 4
+    assert grid[0] == ["seed=0", "sparsity=0.5", "method=swap"]
+
+
+def test_without_multirun_yaml_lists_existing_runs(sweep_dir):
+    (sweep_dir / "multirun.yaml").unlink()
+    status = sweep_status(sweep_dir)
+    assert status.grid_size is None and "no multirun.yaml" in status.grid_error
+    assert status.counts() == {"completed": 22, "failed": 1, "running": 0, "missing": 0}
+
+
+# ------------------------------------------------------------------- plots
+
+def test_plots_are_written_as_png(sweep_dir):
+    report = report_sweep(sweep_dir, plots=True)
+    pngs = sorted(p.name for p in (sweep_dir / "report").glob("*.png"))
+    assert pngs == ["acc_vs_noise.png", "acc_vs_sparsity.png"]
+    for name in pngs:
+        data = (sweep_dir / "report" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "![acc_vs_sparsity](acc_vs_sparsity.png)" in report.markdown
+    csv = pd.read_csv(sweep_dir / "report" / "results.csv")
+    assert len(csv) == 23 and set(csv["status"]) == {"completed", "failed"}
+    assert {"method_label", "noise_label", "final_acc", "dense_acc"} <= set(csv.columns)
+
+
+# -------------------------------------------------------------------- W&B
+
+def _api_run(rec: dict, state: str = "finished", job_type: str | None = None) -> SimpleNamespace:
+    """An object shaped like a `wandb.Api().runs(...)` item logged by WandbTracker."""
+    summary = {**wandb_summary(rec), "_step": 12, "_runtime": 3.5, "prune/acc": 0.1,
+               "plots/x": {"_type": "image-file", "path": "media/x.png"}}
+    return SimpleNamespace(id=rec["run_id"], name="label", group="synth", state=state,
+                           job_type=job_type or rec["index"]["method"],
+                           config={**wandb_config(rec, {"seed": rec["index"]["seed"]}), "_wandb": {"x": 1}},
+                           summary=SimpleNamespace(_json_dict=summary))
+
+
+def test_wandb_runs_convert_to_the_local_schema(sweep_dir):
+    """`--from-wandb` cannot be tested against a server here: this checks the conversion of objects
+    shaped like wandb.Api runs (config, summary._json_dict, state, job_type) into the same rows."""
+    local = load_local(sweep_dir)
+    runs = []
+    for path in sorted(sweep_dir.glob("**/result.json")):
+        rec = read_json(path)
+        state = "failed" if rec["status"] == "failed" else "finished"
+        runs.append(_api_run(rec, state))
+    # a crashed run that never wrote its summary status; and the report run of the group
+    crashed = dict(runs[0].summary._json_dict)
+    crashed.pop("status")
+    runs[0] = SimpleNamespace(**{**vars(runs[0]), "state": "crashed", "summary": SimpleNamespace(_json_dict=crashed)})
+    runs.append(SimpleNamespace(id="report-1", group="synth", state="finished", job_type="report",
+                                config={"sweep": "synth"}, summary=SimpleNamespace(_json_dict={})))
+    remote = to_frame(rows_from_wandb(runs))
+    assert len(remote) == len(local) == 23
+    assert (remote["status"] == "failed").sum() == 2  # the failed one and the crashed one
+    local.loc[local["run_id"] == runs[0].id, "status"] = "failed"
+    cols = ["model", "dataset", "method_label", "noise_label", "noise_level", "sparsity", "seed", "status",
+            "final_acc", "dense_acc", "time_total", "run_id"]
+    key = ["run_id"]
+    pd.testing.assert_frame_equal(local[cols].sort_values(key).reset_index(drop=True),
+                                  remote[cols].sort_values(key).reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(summarize(local), summarize(remote))
+    assert "prune/acc" not in remote.columns and "_step" not in remote.columns
+
+
+def test_to_wandb_offline_writes_report_run(sweep_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main([str(sweep_dir), "--to-wandb", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "uploaded to W&B run report-" in out and "group synth" in out
+    files = list((sweep_dir / "report").glob("wandb/offline-run-*/run-report-*.wandb"))
+    assert len(files) == 1 and files[0].stat().st_size > 0
+
+
+def test_cli_errors_are_one_line(tmp_path, sweep_dir, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([str(sweep_dir), "--metric", "final_accc", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "final_accc" in err and "final_acc" in err.split("available:")[1]
+    assert main(["--from-wandb", "me/proj"]) == 2
+    assert "--group" in capsys.readouterr().err
+
+
+def test_render_without_status_lists_failed_runs(sweep_dir):
+    md = render_markdown(load_local(sweep_dir))
+    assert "Runs: 22 completed, 1 failed, 0 running." in md
+    assert "| failed |" in md and "CUDA out of memory" in md
+
+
+# ------------------------------------------------------- callback / e2e
+
+def test_callback_never_raises(tmp_path, capsys):
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "does-not-exist")}}})
+    ReportCallback().on_multirun_end(cfg)
+    assert "warning: the sweep report could not be written" in capsys.readouterr().err
+    ReportCallback(enabled=False).on_multirun_end(cfg)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_multirun_writes_report_via_callback(tmp_path, session_cache):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "launch.py"), "-m", "sparsity=0.5,0.8", "seed=0,1",
+           f"hydra.sweep.dir={sweep}", f"paths.out_root={tmp_path / 'out'}", f"paths.cache_dir={session_cache}",
+           f"paths.data_dir={tmp_path / 'data'}", "model.train.epochs=2", "progress=false", "device=cpu",
+           "calibration.num_samples=64", "sweep_name=e2e"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 completed, 0 failed, 0 running or killed, 0 missing of 4 expected" in proc.stdout
+    md = (sweep / "report" / "table.md").read_text()
+    assert "# Sweep report: e2e" in md and "| 0.8 |" in md and "(n=2)" in md
+    assert (sweep / "report" / "acc_vs_sparsity.png").stat().st_size > 0
+    assert len(pd.read_csv(sweep / "report" / "results.csv")) == 4

@@ -1,0 +1,176 @@
+"""Preemption-safe resume without Slurm (issue 7): the stage-boundary state round-trips, and a run
+interrupted like submitit interrupts it (SystemExit raised in the middle of the task, after a
+boundary was saved) resumes in the same directory to exactly the result of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pruning import noise as noise_mod
+from pruning.checkpoint import StageCheckpoint, config_fingerprint
+from pruning.task import Job, run
+from pruning.train import make_loader, make_optimizer, train_config, train_epoch
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without wall-clock fields and without the dense-training rows (those are only
+    logged by the run that trained the shared dense model)."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("phase") != "dense_train":
+            out.append({k: v for k, v in row.items() if k != "seconds"})
+    return out
+
+
+def _result(rec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    return rec["metrics"], [{k: v for k, v in s.items() if k != "seconds"} for s in rec["stages"]]
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, boundary: str) -> None:
+    """Raise SystemExit (what submitit's USR2 handler does after requeuing) at the first metrics row
+    logged after `boundary` was saved, or right after it when nothing is logged before the next one:
+    the interrupted attempt has done work past its last saved state."""
+    save, log = StageCheckpoint.save, Job.log
+    armed = {"on": False}
+
+    def save_then_maybe_exit(self: StageCheckpoint, job: Job, key: str, *args: Any) -> None:
+        if armed["on"]:
+            raise SystemExit(-1)
+        save(self, job, key, *args)
+        armed["on"] = armed["on"] or key == boundary
+
+    def log_then_maybe_exit(self: Job, row: dict[str, Any]) -> None:
+        log(self, row)
+        if armed["on"]:
+            raise SystemExit(-1)
+
+    monkeypatch.setattr(StageCheckpoint, "save", save_then_maybe_exit)
+    monkeypatch.setattr(Job, "log", log_then_maybe_exit)
+
+
+CASES = {
+    "finetune-epoch": (["finetune=short", "finetune.epochs=4"], "finetune/2"),
+    "multistage-stage": (["schedule=multistage", "schedule.stages=3"], "prune/2"),
+    "multistage-finetune": (["schedule=multistage", "schedule.stages=2", "schedule.finetune_epochs=2"],
+                            "stage1_finetune/1"),
+    "gradual-epoch": (["schedule=gradual", "schedule.epochs=4", "schedule.end=2"], "gradual/2"),
+    "after-prune": (["finetune=short", "finetune.epochs=1"], "prune"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interrupted_run_resumes_to_the_uninterrupted_result(case: str, make_cfg: Callable[..., Any],
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    overrides, boundary = CASES[case]
+    cfg = make_cfg(*overrides, "deterministic=true")
+    reference = run(cfg, tmp_path / "reference")
+
+    run_dir = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, boundary)
+        with pytest.raises(SystemExit):
+            run(cfg, run_dir)
+    rec = json.loads((run_dir / "result.json").read_text())
+    assert rec["status"] == "failed" and rec["error"].startswith("interrupted")
+    assert (run_dir / "ckpt" / "state.pt").is_file()
+    rows_before = len(_rows(run_dir))
+
+    capsys.readouterr()
+    resumed = run(cfg, run_dir)
+    assert f"continues after '{boundary}'" in capsys.readouterr().out
+    assert resumed["status"] == "completed" and resumed["attempt"] == 2
+    assert resumed["resumed_from"] == boundary
+    assert _result(resumed) == _result(reference)
+    # the row(s) logged after the boundary by the interrupted attempt were dropped, then redone
+    assert _rows(run_dir) == _rows(tmp_path / "reference")
+    assert rows_before <= len(_rows(run_dir))
+    assert not (run_dir / "ckpt").exists()  # removed once the run completed
+
+
+def test_state_round_trips(make_cfg: Callable[..., Any], tmp_path: Path) -> None:
+    cfg = make_cfg("finetune=short")
+
+    def start(run_dir: Path) -> Job:
+        job = Job(cfg, run_dir)
+        job.noise = noise_mod.build(cfg.noise)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        job.ckpt.begin(job)
+        job.record.start()
+        job.setup()
+        job.ckpt.restore(job)
+        return job
+
+    run_dir = tmp_path / "run"
+    job = start(run_dir)
+    assert job.ckpt.state is None and not job.ckpt.passed("dense_eval")
+    tc = train_config({"epochs": 1, "batch_size": 64, "lr": 0.05}, "finetune")
+    opt = make_optimizer(job.model, tc)
+    loader = make_loader(job.data.train, tc.batch_size, seed=3)
+    job.mask[::3] = False
+    train_epoch(job.model, loader, opt, job.device, job.layout, job.mask, progress=False)
+    job.log({"phase": "finetune", "epoch": 1})
+    job.record.update_metrics(dense_acc=0.5)
+    job.record.add_stage({"stage": 1, "acc": 0.25})
+    torch.manual_seed(1234)
+    job.ckpt.save(job, "dense_eval")
+    job.ckpt.save(job, "finetune/1", loader, opt)
+    next_global = torch.rand(4)
+    next_order = torch.randperm(10, generator=loader.generator)
+    job.log({"phase": "finetune", "epoch": 2})  # after the boundary: dropped on resume
+
+    job2 = start(run_dir)
+    assert job2.ckpt.boundaries == ["dense_eval", "finetune/1"] and job2.ckpt.passed("dense_eval")
+    assert job2.record.data["resumed_from"] == "finetune/1"
+    assert job2.step == job.step - 1
+    assert torch.equal(job2.mask, job.mask)
+    for (k, a), b in zip(job.model.state_dict().items(), job2.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert job2.record.data["metrics"]["dense_acc"] == 0.5
+    assert job2.record.data["stages"] == [{"stage": 1, "acc": 0.25}]
+    assert torch.equal(torch.rand(4), next_global)  # global RNG restored
+    opt2 = make_optimizer(job2.model, tc)
+    loader2 = make_loader(job2.data.train, tc.batch_size, seed=3)
+    assert job2.ckpt.resume_loop("finetune", loader2, opt2) == 1
+    assert job2.ckpt.resume_loop("gradual", loader2) == 0
+    assert torch.equal(torch.randperm(10, generator=loader2.generator), next_order)
+    mom = [s["momentum_buffer"] for s in opt.state_dict()["state"].values()]
+    mom2 = [s["momentum_buffer"] for s in opt2.state_dict()["state"].values()]
+    assert len(mom) == len(mom2) > 0 and all(torch.equal(a, b) for a, b in zip(mom, mom2))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in rows if r.get("phase") == "finetune"] == [1]
+
+
+def test_resume_false_or_other_config_starts_over(make_cfg: Callable[..., Any], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = make_cfg("finetune=short", "finetune.epochs=2")
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, "finetune/1")
+        with pytest.raises(SystemExit):
+            run(cfg, run_dir)
+    assert (run_dir / "ckpt" / "state.pt").is_file()
+
+    other = make_cfg("finetune=short", "finetune.epochs=2", "finetune.lr=0.02")
+    assert config_fingerprint(other) != config_fingerprint(cfg)
+    assert config_fingerprint(make_cfg("finetune=short", "finetune.epochs=2", "calibration.chunk_size=7",
+                                       "progress=true")) == config_fingerprint(cfg)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, "finetune/1")
+        with pytest.raises(SystemExit):
+            run(other, run_dir)
+    assert "different configuration; starting from scratch" in capsys.readouterr().out
+
+    fresh = make_cfg("finetune=short", "finetune.epochs=2", "resume=false")
+    data = run(fresh, run_dir)
+    assert data["status"] == "completed" and "resumed_from" not in data
+    assert [r["epoch"] for r in _rows(run_dir) if r["phase"] == "finetune"] == [1, 2]
