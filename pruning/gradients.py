@@ -239,13 +239,19 @@ def compute_gradient_matrix(
     if not stream:
         device = next(model.parameters()).device
         blocks = layout.blocks(block_size)
-        data = [torch.empty(n_rows, sl.stop - sl.start, device=device, dtype=torch.float32) for sl in blocks]
         owners = _block_owners(layout, blocks)
+        single = n_rows <= chunk_size  # one vmap call: its output becomes the storage, no copy
+        data = [torch.empty(0)] * len(blocks) if single else [
+            torch.empty(n_rows, sl.stop - sl.start, device=device, dtype=torch.float32) for sl in blocks]
 
         def sink(s: int, e: int, grads: dict[str, torch.Tensor]) -> None:
             flat = {k: grads[k].reshape(e - s, -1) for k in layout.names}
             for b, (name, lo, hi) in enumerate(owners):
-                data[b][s:e] = flat[name][:, lo:hi]
+                if single:
+                    whole = hi - lo == flat[name].shape[1]
+                    data[b] = flat[name].float() if whole else flat[name][:, lo:hi].float().contiguous()
+                else:
+                    data[b][s:e] = flat[name][:, lo:hi]
 
         _row_gradients(model, layout, inputs, targets, layout.names, sink, **kw)
         return GradientMatrix(blocks, data, indices.cpu())

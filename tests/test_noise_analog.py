@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pruning.errors import ConfigError
-from pruning.layout import get_flat
+from pruning.layout import get_flat, set_flat
 from pruning.noise import build
 from pruning.noise.analog import (
     PCM,
@@ -216,6 +216,14 @@ def test_calibration_weights_perturbs_inside_and_restores(make_cfg, tmp_path):
     assert (inside[~mask] == 0).all() and not torch.equal(inside[mask], w0[mask])
     rel = float((inside[mask] - w0[mask]).norm() / w0[mask].norm())
     assert 0.02 < rel < 0.3, rel
+    # a weight at exactly zero counts as pruned even under an all-ones mask (gRDA's emergent sparsity)
+    zeroed = w0.clone()
+    zeroed[::3] = 0.0
+    set_flat(job.model, job.layout, zeroed)
+    with job.noise.calibration_weights(job.model, job.layout, torch.ones_like(mask), _gen(15)):
+        inside = get_flat(job.model, job.layout)
+    assert (inside[::3] == 0).all() and (inside[1::3] != 0).float().mean() > 0.95
+    set_flat(job.model, job.layout, w0)
     off = build({"kind": "analog", "apply_to": ["eval"]})
     with off.calibration_weights(job.model, job.layout, mask, _gen(15)):
         assert torch.equal(get_flat(job.model, job.layout), w0)

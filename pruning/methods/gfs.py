@@ -137,9 +137,12 @@ class LayerScorer:
         for s in range(0, k, step):
             sc = scales[s:s + step]
             out = self.runner.run_suffix(values, sc)
-            yk = y.repeat(sc.shape[0])
-            losses.append(self.loss_fn(out, yk, reduction="none").view(sc.shape[0], b).mean(1))
-            top1.append((out.argmax(1) == yk).float().view(sc.shape[0], b).mean(1))
+            yk = y.repeat(sc.shape[0], *([1] * (y.dim() - 1)))
+            losses.append(self.loss_fn(out, yk, reduction="none").reshape(sc.shape[0], b, -1).mean((1, 2)))
+            if y.dtype in (torch.int64, torch.int32) and out.dim() == 2:
+                top1.append((out.argmax(1) == yk).float().view(sc.shape[0], b).mean(1))
+            else:  # not a classification target
+                top1.append(torch.zeros(sc.shape[0], device=out.device))
         return torch.cat(losses), torch.cat(top1)
 
 

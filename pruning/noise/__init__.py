@@ -9,9 +9,9 @@ Keys (one module and one `conf/noise/<kind>.yaml` each):
   adversarial  FGSM (Goodfellow et al., ICLR 2015) / PGD (Madry et al., ICLR 2018) inputs, on the
                calibration data and/or at evaluation (pruning/noise/adversarial.py)
 
-A noise model acts at up to four hook points of a run (after `bind(data)`, called once the
-run's data is loaded). The task passes each hook its own
-generator, derived from the run seed and a stream name (`pruning.task.generator`):
+A noise model acts at up to four hook points of a run (after `bind(data)`, called once the run's
+data is loaded). The task passes each hook its own generator, derived from the run seed and a
+stream name (`pruning.task.generator`):
   calibration_inputs(model, x, y, gen) -> x          inputs used to compute G     "noise/<stage>/inputs"
   calibration_weights(model, layout, mask, gen)      context manager: weights     "noise/<stage>/weights"
                                                      used to compute G, restored after
@@ -26,7 +26,8 @@ kappa, analog prog_noise_scale, adversarial eps. `record()` returns the paramete
 record (`result.json: noise`).
 
 Final metric keys added by `evaluate` (flat, in `result.json: metrics`); numbers in keys are
-formatted by `metric_number` (`%g`: 3600 -> "3600", 8/255 -> "0.0313725"):
+formatted by `metric_number` (`%g`: 3600 -> "3600", one year 31536000 -> "3.1536e+07",
+8/255 -> "0.0313725"):
   gradient     gradient/nsr_measured, gradient/snr_db_measured (noise power / signal power of
                all G rows drawn in the run), gradient/rows_noised
   analog       analog/acc_mean@t=<t>, analog/acc_std@t=<t>, analog/loss_mean@t=<t>,

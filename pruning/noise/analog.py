@@ -26,8 +26,9 @@ Per prunable tensor W (conductances in microsiemens, g^ = g / g_max, clipped to 
 
 `t_inference = 0` is a read at t0 = 20 s after programming: programming and read noise, no drift
 (as aihwkit's formulas give). `respect_mask: true` (default) means pruned cells are not programmed:
-the mask is re-applied after the noise, so pruned weights stay exactly zero; `false` programs them
-at g+ = g- = g_min like aihwkit does, so most of them become non-zero. The mapping scale is
+the mask is re-applied after the noise, so pruned weights stay exactly zero (a weight at exactly
+zero counts as pruned, e.g. gRDA's emergent sparsity); `false` programs them at g+ = g- = g_min
+like aihwkit does, so most of them become non-zero. The mapping scale is
 computed from the weights being perturbed (the pruned, possibly fine-tuned ones).
 
 Hook points (`apply_to`): `calibration` perturbs the weights used to compute G (one programming,
@@ -298,6 +299,16 @@ class AnalogNoise(NoiseModel):
         return PCMArray(weights, gen, c.pcm, masks if c.respect_mask else None, c.prog_noise_scale,
                         c.drift_scale, c.read_noise_scale, c.drift_compensation)
 
+    @staticmethod
+    def _split(layout: ParamLayout, w: torch.Tensor, mask: torch.Tensor
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-tensor weights and masks; a weight at exactly zero counts as pruned (e.g. gRDA's
+        emergent sparsity, where the mask is all ones)."""
+        if mask.numel() != layout.numel:
+            raise ValueError(f"mask has {mask.numel()} entries, the layout {layout.numel}")
+        keep = mask.to(device=w.device, dtype=torch.bool) & (w != 0)
+        return layout.unflatten(w), layout.unflatten(keep)
+
     @contextlib.contextmanager
     def calibration_weights(self, model: nn.Module, layout: ParamLayout, mask: torch.Tensor,
                             gen: torch.Generator) -> Iterator[None]:
@@ -305,7 +316,7 @@ class AnalogNoise(NoiseModel):
             yield
             return
         w = get_flat(model, layout)
-        array = self.program(layout.unflatten(w), layout.unflatten(mask.to(w.device)), gen)
+        array = self.program(*self._split(layout, w, mask), gen)
         set_flat(model, layout, layout.flatten(array.read(self.cfg.t_calibration, gen)))
         try:
             yield
@@ -318,7 +329,7 @@ class AnalogNoise(NoiseModel):
         if "eval" not in c.apply_to:
             return {}
         w = get_flat(model, layout)
-        weights, masks = layout.unflatten(w), layout.unflatten(mask.to(w.device))
+        weights, masks = self._split(layout, w, mask)
         norm = float(w.norm()) or 1.0
         rows: dict[float, list[tuple[float, float, float]]] = {t: [] for t in c.t_inference}
         try:
