@@ -19,7 +19,8 @@ and for WoodFisher on one B-column block of the ResNet-20 G (N rows): the Woodbu
 (diag(F^-1) and F^-1 v from the N x N system) against the rank-1 Sherman-Morrison recursion,
 at equal results. Targets (2 CPU cores): G within 1.25x of the floor and never slower than the
 loop; the closed form at least 10x faster than the recursion. Timings are the minimum over
-`--repeats`; peak memory is the largest resident-set growth seen while the step runs (sampled).
+`--repeats`; peak memory is the largest growth of anonymous resident memory (RssAnon) seen while
+the step runs (sampled every 2 ms).
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ from pruning.layout import ParamLayout, get_params, make_layout
 from pruning.methods.woodfisher import BlockInverse, fisher_inverse_rank1
 
 CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "resnet20-cifar10-12fca82f.th"
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+    """Anonymous resident memory (RssAnon): process memory proper; file-backed pages of the stream
+    mode's memory maps live in the (reclaimable) page cache and are not counted."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class PeakRSS:
@@ -167,8 +172,9 @@ def bench_g(name: str, model: nn.Module, shape: tuple[int, ...], n: int, chunk: 
     wr = measure(lambda: torch.empty(n, layout.numel).fill_(1.0), repeats)
     wr.result = None
     lp = measure(lambda: loop(model, layout, x[:loop_n], y[:loop_n]), 1)
-    # max-abs based: rows of confidently classified samples are float32 rounding noise in both
-    lp_err = float((lp.result - G[:loop_n]).abs().max() / G[:loop_n].abs().max())
+    # median row relative error: a row can legitimately differ when float32 rounding flips a ReLU
+    # whose pre-activation is ~1e-7 (the float64 gradient itself jumps by ~1e-2 there)
+    lp_err = float(((lp.result - G[:loop_n]).norm(dim=1) / G[:loop_n].norm(dim=1).clamp_min(1e-30)).median())
     lp_seconds = lp.seconds * n / loop_n  # extrapolated when the loop ran on fewer samples
     row = {"model": name, "N": n, "p": layout.numel, "chunk": chunk, "floor": fl, "G": gm, "stream": st, "write": wr,
            "loop": lp, "loop_seconds": lp_seconds, "loop_n": loop_n, "loop_err": lp_err, "stream_err": st_err,
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\nGradient matrix G (ratios: G time / other time; < 1 means G is faster)")
     hdr = (f"{'model':10} {'N':>5} {'p':>7} {'chunk':>5} {'floor':>9} {'write':>9} {'G':>9} {'stream':>9} {'loop':>9}  "
            f"{'G/floor':>7} {'G/max(floor,write)':>18} {'G/loop':>7} {'stream/floor':>12}  "
-           f"{'peak MB floor/G/stream/loop':>27} {'G MB':>5}  err(loop) err(stream)")
+           f"{'peak MB floor/G/stream/loop':>27} {'G MB':>5}  err(loop, median row) err(stream)")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['model']:10} {r['N']:>5} {r['p']:>7} {r['chunk']:>5} {fmt_s(fl.seconds)} {fmt_s(wr.seconds)} "
               f"{fmt_s(g.seconds)} {fmt_s(st.seconds)} {loop_s}{g.seconds / fl.seconds:7.2f}x "
               f"{g.seconds / max(fl.seconds, wr.seconds):17.2f}x {g.seconds / r['loop_seconds']:6.3f}x "
-              f"{st.seconds / fl.seconds:11.2f}x  {peaks:>27} {r['G_mb']:5.0f}  {r['loop_err']:.1e}   "
+              f"{st.seconds / fl.seconds:11.2f}x  {peaks:>27} {r['G_mb']:5.0f}  {r['loop_err']:.1e}               "
               f"{r['stream_err']:.1e}")
     if any(r["loop_n"] < r["N"] for r in rows):
         print("* loop time extrapolated linearly from --loop-n samples")

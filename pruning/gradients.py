@@ -15,12 +15,14 @@ builder. Two modes (`calibration.stream`):
 * ``stream: false`` (default, in memory): one pass over the data differentiates w.r.t. all
   prunable tensors; each chunk's rows are written straight into the per-block tensors. Peak
   memory: G itself (N p floats, in blocks) + one chunk of rows (chunk_size x p).
-* ``stream: true`` (large models): one pass *per prunable tensor*, each differentiating only
-  w.r.t. that tensor (the others are frozen constants), writing its N x p_t columns row-chunk by
-  row-chunk into a memory-mapped ``.npy`` file on disk. The blocks of the returned matrix are
-  read-only (copy-on-write) memory maps, so G lives in the page cache, not in process memory.
-  Peak process memory: chunk_size x max_t p_t floats + activations, independent of p. The price
-  is one forward/backward pass per prunable tensor. Files live in the cache when
+* ``stream: true`` (large models): one pass per group of consecutive prunable tensors holding at
+  most STREAM_COLS = 2^20 columns (a larger tensor gets a pass of its own), each pass
+  differentiating only w.r.t. its tensors (the others are frozen constants) and writing their
+  columns row-chunk by row-chunk into memory-mapped ``.npy`` files on disk. The blocks of the
+  returned matrix are copy-on-write memory maps, so G lives in the page cache, not in process
+  memory. Peak process memory: chunk_size x max(2^20, largest p_t) floats + activations,
+  independent of p. The price is one forward/backward pass per group (a single pass for
+  ResNet-20, about 25 for ResNet-50). Files live in the cache when
   ``calibration.cache`` is on, else in a scratch directory that is unlinked at once (the maps
   stay valid until the matrix is dropped).
 
@@ -60,6 +62,7 @@ from pruning.errors import ConfigError
 from pruning.layout import ParamLayout
 
 CACHE_VERSION = 1
+STREAM_COLS = 1 << 20  # columns differentiated per pass in stream mode (chunk_size x this floats in memory)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -222,13 +225,15 @@ def compute_gradient_matrix(
     block_size: int | None = None,
     stream: bool = False,
     store_dir: str | Path | None = None,
+    stream_cols: int = STREAM_COLS,
     loss_fn: LossFn = F.cross_entropy,
     progress: bool = False,
 ) -> GradientMatrix:
     """G as column blocks, without ever holding a dense N x p matrix (see the module docstring).
 
     stream=False: one pass, rows written into per-block tensors on the model's device.
-    stream=True: one pass per prunable tensor into memory-mapped per-tensor files under
+    stream=True: one pass per group of consecutive prunable tensors (at most `stream_cols` columns,
+    or one tensor if larger) into memory-mapped per-tensor files under
     `store_dir` (a scratch directory next to the system temp files when None; it is unlinked
     at once and the maps stay valid). The blocks are then CPU views of those maps.
     """
@@ -260,22 +265,38 @@ def compute_gradient_matrix(
     root = Path(tempfile.mkdtemp(prefix="grads-")) if scratch else Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
     try:
-        for t, (name, size) in enumerate(zip(layout.names, layout.sizes)):
-            arr = np.lib.format.open_memmap(root / _tensor_file(t), mode="w+", dtype=np.float32,
-                                            shape=(n_rows, size))
+        groups = stream_groups(layout, stream_cols)
+        for gi, group in enumerate(groups):
+            arrays = {layout.names[t]: np.lib.format.open_memmap(root / _tensor_file(t), mode="w+", dtype=np.float32,
+                                                                  shape=(n_rows, layout.sizes[t])) for t in group}
 
-            def sink(s: int, e: int, grads: dict[str, torch.Tensor], arr: np.ndarray = arr,
-                     name: str = name) -> None:
-                arr[s:e] = grads[name].reshape(e - s, -1).detach().cpu().numpy()
+            def sink(s: int, e: int, grads: dict[str, torch.Tensor], arrays: dict = arrays) -> None:
+                for name, arr in arrays.items():
+                    arr[s:e] = grads[name].reshape(e - s, -1).detach().cpu().numpy()
 
-            _row_gradients(model, layout, inputs, targets, (name,), sink,
-                           desc=f"gradients {t + 1}/{len(layout.names)} ({name})", **kw)
-            arr.flush()
-            del arr
+            _row_gradients(model, layout, inputs, targets, tuple(arrays), sink,
+                           desc=f"gradients pass {gi + 1}/{len(groups)}", **kw)
+            for arr in arrays.values():
+                arr.flush()
+            del arrays
         return _open_tensor_files(root, layout, block_size, indices.cpu(), mmap=True, device="cpu")
     finally:
         if scratch:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def stream_groups(layout: ParamLayout, max_cols: int = STREAM_COLS) -> list[list[int]]:
+    """Consecutive tensors grouped into passes of at most `max_cols` columns (a larger tensor alone)."""
+    groups: list[list[int]] = []
+    cols = 0
+    for t, size in enumerate(layout.sizes):
+        if groups and cols + size <= max_cols:
+            groups[-1].append(t)
+            cols += size
+        else:
+            groups.append([t])
+            cols = size
+    return groups
 
 
 def split_blocks(G: torch.Tensor, layout: ParamLayout, block_size: int | None,

@@ -77,10 +77,28 @@ def mark_unfinished(run_dir: Path, reason: str, details: str = "") -> str:
     return "failed"
 
 
+# scheduler states of a job that is over; a job in one of them without a result pickle never writes one
+_DEAD_STATES = ("CANCELLED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "PREEMPTED", "BOOT_FAIL",
+                "DEADLINE", "REVOKED")
+
+
+def _ended_without_result(job: Any) -> bool:
+    try:
+        state = str(job.state)
+    except Exception:
+        return False
+    return state.split(" ")[0] in _DEAD_STATES and not job.paths.result_pickle.exists()
+
+
 def collect(launcher: Any, job: Any, overrides: Sequence[str], job_num: int) -> JobReturn:
     """The job's JobReturn; a job that ended without a result is recorded and does not raise
     (unless fail_fast), so the sweeper goes on with the other jobs and batches."""
+    from submitit.core.utils import UncompletedJobError
+
     try:
+        job.wait()
+        if _ended_without_result(job):  # do not wait _results_timeout_s (15 s) for a file that never comes
+            raise UncompletedJobError(f"Job {job.job_id} ended {job.state} without writing a result")
         return job.results()[0]
     except Exception as exc:  # UncompletedJobError (cancelled, killed), FailedJobError (crash outside the task)
         if launcher.config is not None and launcher.config.get("fail_fast", False):

@@ -102,10 +102,13 @@ class GRDA(torch.optim.Optimizer):
                 if "a" not in st:
                     st["a"] = p.detach().clone()  # a_0 = w_0
                 a = st["a"]
-                if p.grad is not None:
-                    a.add_(p.grad, alpha=-lr)
                 if p in self._grouped:
+                    if p.grad is not None:
+                        a.add_(p.grad, alpha=-lr)
                     continue
+                if p.grad is None:  # as the reference: a parameter without gradient is left alone
+                    continue
+                a.add_(p.grad, alpha=-lr)
                 if pg["penalty"] == "l1" and thr > 0:
                     p.copy_(torch.sign(a) * (a.abs() - thr).clamp_min(0))
                 else:

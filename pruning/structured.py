@@ -175,9 +175,8 @@ def _width_of(m: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------ masks
 def _scale_input(x: torch.Tensor, scale: torch.Tensor, linear: bool) -> torch.Tensor:
-    if linear:
-        return x * scale.to(x.dtype)
-    return x * scale.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+    s = scale.to(device=x.device, dtype=x.dtype)
+    return x * (s if linear else s.view(1, -1, *([1] * (x.dim() - 2))))
 
 
 class ChannelMasker:

@@ -166,15 +166,19 @@ def relaunch_command(cfg: DictConfig) -> str | None:
     try:
         cwd = OmegaConf.select(cfg, "hydra.runtime.cwd", default=None)
         config_name = OmegaConf.select(cfg, "hydra.job.config_name", default="config") or "config"
-        main_dir = None
+        main_dir = cli_dir = None  # cli_dir: `-cd <dir>` (e.g. sweeps/), listed as provider command-line
         for src in OmegaConf.select(cfg, "hydra.runtime.config_sources", default=None) or []:
             if src.get("provider") == "main" and src.get("schema") == "file":
                 main_dir = Path(str(src.path))
+            elif src.get("provider") == "command-line" and src.get("schema") == "file":
+                cli_dir = Path(str(src.path))
         args = ["python"]
         launch = main_dir.parent / "launch.py" if main_dir is not None else None
         args.append(str(launch) if launch is not None and launch.is_file() else "launch.py")
         args.append("-m")
-        if main_dir is not None and (main_dir.name != "conf" or config_name != "config"):
+        if cli_dir is not None:
+            args += ["-cd", str(cli_dir), "-cn", str(config_name)]
+        elif main_dir is not None and (main_dir.name != "conf" or config_name != "config"):
             args += ["-cd", str(main_dir), "-cn", str(config_name)]
         hydra_ovs = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.hydra", default=None) or []
                      if str(o) != "hydra.mode=MULTIRUN"]

@@ -24,6 +24,15 @@ from pruning.task import run
 FAST_DENSE = ("model.train.epochs=5",)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is faster, and fair on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------ planted
 def planted(seed: int = 0) -> tuple[nn.Sequential, list[int], torch.Tensor]:
     """Hidden units: 3 useful types (unit j reads input j, output weight a_j), 3 copies each, and
@@ -77,7 +86,8 @@ def test_planted_problem_selects_useful_units_first():
         return x, teacher(x, a)
 
     x, y = next_batch()
-    dense_loss = float(mse(net(x), y))
+    with torch.no_grad():
+        dense_loss = float(mse(net(x), y))
     assert dense_loss > 1e-3  # the useless units dilute the dense average
     selected, losses = gfs.greedy_select(scorer, next_batch, torch.Generator().manual_seed(2), num_evaluate=21,
                                          k_target=6)
@@ -89,7 +99,8 @@ def test_planted_problem_selects_useful_units_first():
     masker = structured.ChannelMasker(net, [group])
     masker.set(group.name, gfs.alpha_scale(selected[:3], 21))
     x, y = next_batch()
-    assert float(mse(net(x), y)) < 1e-10
+    with torch.no_grad():
+        assert float(mse(net(x), y)) < 1e-10
     masker.remove()
     # and with a random candidate pool (10 of 21) the useful units still come first
     selected, _ = gfs.greedy_select(scorer, next_batch, torch.Generator().manual_seed(3), num_evaluate=10,
@@ -270,7 +281,8 @@ def test_resnet20_groups_and_shrink_if_available():
 # ---------------------------------------------------------------------------- end to end
 def test_gfs_end_to_end_width(make_cfg, tmp_path):
     cfg = make_cfg("method=gfs", "method.budget=width", "method.width=0.25", "method.num_evaluate=8",
-                   "method.layer_finetune_epochs=0.2", "finetune=short", "finetune.epochs=1", *FAST_DENSE)
+                   "method.layer_finetune_epochs=0.2", "finetune=short", "finetune.epochs=1", "noise=gradient",
+                   *FAST_DENSE)
     run(cfg, tmp_path / "run")
     rec = json.loads((tmp_path / "run" / "result.json").read_text())
     assert rec["status"] == "completed" and rec["index"]["method"] == "gfs"
@@ -281,6 +293,8 @@ def test_gfs_end_to_end_width(make_cfg, tmp_path):
     assert m["structured/flops_ratio"] == pytest.approx(m["numel_prunable"] / (64 * 128 + 128 * 64 + 640))
     assert m["structured/channel_sparsity"] == pytest.approx(1 - 48 / 192)
     assert m["final_acc"] > 0.6 and m["finetuned_acc"] is not None
+    # the layer fine-tuning steps ran under the gradient-noise hook (one row per step)
+    assert rec["index"]["noise"] == "gradient" and m["gradient/rows_noised"] > 0
 
 
 def test_gfs_end_to_end_accuracy_rule_masked(make_cfg, tmp_path):

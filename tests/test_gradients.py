@@ -15,8 +15,9 @@ from pruning.gradients import (
     build_gradient_matrix,
     compute_gradient_matrix,
     compute_gradients,
+    stream_groups,
 )
-from pruning.layout import get_params, make_layout
+from pruning.layout import ParamLayout, get_params, make_layout
 from pruning.noise import NoiseModel
 
 
@@ -110,7 +111,9 @@ def test_blocked_and_streamed_equal_dense(block_size, tmp_path):
     mem = compute_gradient_matrix(model, layout, x, y, block_size=block_size, chunk_size=4)
     streamed = compute_gradient_matrix(model, layout, x, y, block_size=block_size, chunk_size=4, stream=True,
                                        store_dir=tmp_path / "store")
-    scratch = compute_gradient_matrix(model, layout, x, y, block_size=block_size, chunk_size=3, stream=True)
+    # one pass per tensor (a tiny column budget) into a scratch directory
+    scratch = compute_gradient_matrix(model, layout, x, y, block_size=block_size, chunk_size=3, stream=True,
+                                      stream_cols=1)
     assert streamed.mmap and not mem.mmap
     assert mem.blocks == layout.blocks(block_size) == streamed.blocks
     for gm in (mem, streamed, scratch):
@@ -124,6 +127,13 @@ def test_blocked_and_streamed_equal_dense(block_size, tmp_path):
     sl = slice(5, min(60, layout.numel))
     assert torch.equal(mem.columns(sl), dense[:, sl])
     assert torch.allclose(streamed.rows(2, 7), dense[2:7], rtol=1e-6, atol=1e-8)
+
+
+def test_stream_groups_bound_columns_per_pass():
+    layout = ParamLayout(("a", "b", "c", "d"), ((10,), (30,), (5,), (50,)))
+    assert stream_groups(layout, 40) == [[0, 1], [2], [3]]
+    assert stream_groups(layout, 1000) == [[0, 1, 2, 3]]
+    assert stream_groups(layout, 1) == [[0], [1], [2], [3]]
 
 
 class CountingCompute:

@@ -20,6 +20,15 @@ from pruning.task import run
 FAST_DENSE = ("model.train.epochs=5",)  # a quickly trained dense MLP (shared by this file's runs)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is faster, and fair on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def net() -> nn.Sequential:
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
@@ -135,3 +144,15 @@ def test_grda_end_to_end(make_cfg, tmp_path):
     assert data["status"] == "completed"
     phases = [json.loads(line).get("phase") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert phases.count("grda") == 2
+
+
+def test_grda_under_gradient_noise(make_cfg, tmp_path):
+    cfg = make_cfg("method=grda", "method.epochs=0.5", "method.c=0.05", "method.mu=0.6", "method.lr=0.05",
+                   "noise=gradient", "noise.kappa=2", *FAST_DENSE)
+    run(cfg, tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "result.json").read_text())
+    m = rec["metrics"]
+    assert rec["status"] == "completed" and rec["index"]["noise"] == "gradient"
+    steps = rec["stages"][0]["steps"]
+    assert steps == math.ceil(0.5 * math.ceil(1437 / 64)) and m["gradient/rows_noised"] == steps
+    assert m["sparsity_prunable"] > 0

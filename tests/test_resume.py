@@ -18,6 +18,15 @@ from pruning.task import Job, run
 from pruning.train import make_loader, make_optimizer, train_config, train_epoch
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """One intra-op thread: tiny models on a shared 2-core machine run many times faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rows(run_dir: Path, drop: tuple[str, ...] = ("seconds", "step")) -> list[dict[str, Any]]:
     """metrics.jsonl without wall-clock fields and without the dense-training rows (only the run
     that trained the shared dense model logs those, which also shifts its step counter)."""

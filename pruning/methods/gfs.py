@@ -268,9 +268,9 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
     except Exception as exc:
         raise ConfigError("model", type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
                           f"cannot be traced ({type(exc).__name__}: {exc})") from exc
-    groups = find_groups(model, example)
+    groups = find_groups(model, example, gm=gm)
     names = [g.name for g in groups]
-    patterns = list(cfg.layers) if cfg.layers is not None else ["*"]
+    patterns = ["*"] if cfg.layers is None else [cfg.layers] if isinstance(cfg.layers, str) else list(cfg.layers)
     chosen = [g for g in groups if any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
     if not chosen:
         raise ConfigError("method.layers", patterns, ", ".join(names), "matches no channel group")

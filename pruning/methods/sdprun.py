@@ -73,10 +73,10 @@ class Config:
             raise ConfigError("method.group_weight", self.group_weight, "sqrt_size, one")
 
 
-def find_groups(model: Any, example: Any, key: str = "model") -> list[structured.ChannelGroup]:
+def find_groups(model: Any, example: Any, key: str = "model", gm: Any = None) -> list[structured.ChannelGroup]:
     """Channel groups of the model; a ConfigError when it has none (or cannot be traced)."""
     try:
-        groups = structured.find_channel_groups(model, example)
+        groups = structured.find_channel_groups(model, example, gm)
     except Exception as exc:
         raise ConfigError(key, type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
                           f"cannot be traced ({type(exc).__name__}: {exc})") from exc

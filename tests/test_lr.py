@@ -1,0 +1,160 @@
+"""LR / CHITA (pruning/methods/lr.py, pruning/sparse_regression.py) against dense references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pruning import methods
+from pruning.errors import ConfigError
+from pruning.gradients import split_blocks
+from pruning.layout import ParamLayout, num_kept, topk_mask
+from pruning.methods import lr
+from pruning.methods.base import PruningProblem
+from pruning.sparse_regression import DenseOperator, IdentityPlan, SolverConfig, gather_columns, solve
+from pruning.task import run
+
+
+def make_problem(N: int = 40, p: int = 300, seed: int = 0, blocks: int | None = 64):
+    """A random regression problem whose data term matters (lam small against G^T G)."""
+    g = torch.Generator().manual_seed(seed)
+    layout = ParamLayout(("a", "b"), ((p // 3,), (p - p // 3,)))
+    G = torch.randn(N, p, generator=g, dtype=torch.float64)
+    G = G * (1.0 + torch.arange(p, dtype=torch.float64) % 7 / 3.0)  # uneven column scales
+    w_bar = torch.randn(p, generator=g, dtype=torch.float64)
+    Gm = split_blocks(G, layout, blocks, torch.arange(N).view(N, 1))
+    return layout, G, Gm, w_bar
+
+
+def q_lr(G: torch.Tensor, w_bar: torch.Tensor, w: torch.Tensor, lam: float) -> float:
+    """Independent dense evaluation of 1/2||G w_bar - G w||^2 + (N lam / 2)||w - w_bar||^2."""
+    r = G @ w_bar - G @ w
+    return float(0.5 * r @ r + 0.5 * G.shape[0] * lam * (w - w_bar) @ (w - w_bar))
+
+
+def lr_problem(layout, Gm, w_bar, w=None):
+    return PruningProblem(layout=layout, w=w_bar.clone() if w is None else w, w_bar=w_bar,
+                          mask=torch.ones_like(w_bar, dtype=torch.bool), grads=Gm)
+
+
+@pytest.mark.parametrize("algorithm", ["iht", "active_iht"])
+def test_objective_never_increases(algorithm):
+    layout, G, Gm, w_bar = make_problem()
+    cfg = lr.Config(lam=1e-3, algorithm=algorithm, ftol=0.0, max_iter=200)
+    res = lr.prune(lr_problem(layout, Gm, w_bar), 0.9, cfg)
+    hist = res.info["history"]
+    assert len(hist) > 5, "the solver should take several steps on this problem"
+    for a, b in zip(hist, hist[1:]):
+        assert b <= a * (1 + 1e-12) + 1e-12
+    assert hist[-1] < 0.9 * hist[0]
+    # the reported objective is Q_LR of the returned weights (independent dense evaluation)
+    assert res.info["objective"] == pytest.approx(q_lr(G, w_bar, res.w, 1e-3), rel=1e-10)
+
+
+def test_beats_magnitude_and_is_stationary_on_its_support():
+    layout, G, Gm, w_bar = make_problem(seed=1)
+    lam, k = 1e-3, num_kept(300, 0.9)
+    res = lr.prune(lr_problem(layout, Gm, w_bar), 0.9, lr.Config(lam=lam, ftol=0.0, max_iter=2000))
+    mag = w_bar * topk_mask(w_bar.abs(), k)
+    assert q_lr(G, w_bar, res.w, lam) < q_lr(G, w_bar, mag, lam)
+    # converged IHT-LS: the ridge minimiser on its own support (dense normal equations)
+    S = res.mask.nonzero().squeeze(1)
+    GS = G[:, S]
+    N = G.shape[0]
+    ref = torch.linalg.solve(GS.T @ GS + N * lam * torch.eye(len(S), dtype=G.dtype),
+                             GS.T @ (G @ w_bar) + N * lam * w_bar[S])
+    assert torch.allclose(res.w[S], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["active_iht", "iht", "backsolve"])
+def test_returns_w_bar_when_nothing_is_pruned(algorithm):
+    layout, G, Gm, w_bar = make_problem()
+    res = lr.prune(lr_problem(layout, Gm, w_bar), 0.0, lr.Config(algorithm=algorithm))
+    assert bool(res.mask.all())
+    assert torch.allclose(res.w, w_bar, rtol=0, atol=1e-9)
+    # from another start the unconstrained minimiser of Q_LR is still w_bar
+    start = w_bar + 0.1 * torch.randn(w_bar.shape, generator=torch.Generator().manual_seed(3), dtype=w_bar.dtype)
+    res = lr.prune(lr_problem(layout, Gm, w_bar, start), 0.0,
+                   lr.Config(algorithm=algorithm, lam=1.0, ftol=0.0, max_iter=500))
+    assert torch.allclose(res.w, w_bar, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,sparsity", [(40, 0.5), (200, 0.9)])  # Woodbury (N < k) and primal (k <= N)
+def test_backsolve_solves_the_normal_equations(N, sparsity):
+    layout, G, Gm, w_bar = make_problem(N=N)
+    lam = 0.01
+    res = lr.prune(lr_problem(layout, Gm, w_bar), sparsity, lr.Config(algorithm="backsolve", lam=lam))
+    k = num_kept(300, sparsity)
+    assert res.info["backsolve"] == ("woodbury" if N < k else "primal")
+    assert torch.equal(res.mask, topk_mask(w_bar.abs(), k))
+    S = res.mask.nonzero().squeeze(1)
+    GS = G[:, S]
+    lhs = GS.T @ GS + N * lam * torch.eye(k, dtype=G.dtype)
+    rhs = GS.T @ (G @ w_bar) + N * lam * w_bar[S]
+    ref = torch.linalg.solve(lhs, rhs)
+    assert torch.allclose(res.w[S], ref, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(lhs @ res.w[S], rhs, rtol=1e-8, atol=1e-8)
+    assert bool((res.w[~res.mask] == 0).all())
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.75, 0.9, 0.99])
+@pytest.mark.parametrize("algorithm", ["active_iht", "backsolve"])
+def test_achieved_sparsity_equals_target(sparsity, algorithm):
+    layout, G, Gm, w_bar = make_problem()
+    res = lr.prune(lr_problem(layout, Gm, w_bar), sparsity, lr.Config(algorithm=algorithm))
+    k = num_kept(300, sparsity)
+    assert int(res.mask.sum()) == k == res.info["k"]
+    assert bool((res.w[~res.mask] == 0).all())
+
+
+def test_block_layout_and_dense_operator_agree():
+    """Column access through GradientMatrix blocks (tensor boundaries, chunking) and a dense matrix."""
+    layout, G, Gm, w_bar = make_problem(blocks=37)
+    idx = torch.tensor([0, 5, 36, 37, 99, 100, 101, 250, 299])
+    assert torch.equal(gather_columns(Gm, idx), G[:, idx])
+    k = num_kept(300, 0.8)
+    cfg = SolverConfig(lam=1e-3)
+    y = G @ w_bar
+    a = solve(Gm, y, w_bar, w_bar, k, IdentityPlan(40), cfg, "gradient")
+    b = solve(DenseOperator(G), y, w_bar, w_bar, k, IdentityPlan(40), cfg, "gradient")
+    assert torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.w, b.w, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_precision_matches_float64():
+    layout, G, Gm, w_bar = make_problem()
+    G32 = split_blocks(G.float(), layout, 64, torch.arange(40).view(40, 1))
+    r64 = lr.prune(lr_problem(layout, Gm, w_bar), 0.9, lr.Config(lam=1e-3))
+    r32 = lr.prune(lr_problem(layout, G32, w_bar.float()), 0.9, lr.Config(lam=1e-3, precision="float32"))
+    assert r32.w.dtype == torch.float32
+    assert r32.info["objective"] == pytest.approx(r64.info["objective"], rel=1e-3)
+
+
+def test_config_errors_name_key_and_allowed_values():
+    with pytest.raises(ConfigError, match="method.algorithm.*active_iht, iht, backsolve"):
+        methods.make_config("lr", {"name": "lr", "algorithm": "cd"})
+    with pytest.raises(ConfigError, match="method.lam"):
+        methods.make_config("lr", {"lam": -1.0})
+    with pytest.raises(ConfigError, match="method.bogus"):
+        methods.make_config("lr", {"bogus": 1})
+    cfg = methods.make_config("lr", {"name": "lr"})
+    assert cfg.lam == 0.01 and cfg.algorithm == "active_iht" and not math.isnan(cfg.ftol)
+
+
+def test_backsolve_without_ridge_when_n_below_k_is_a_config_error():
+    layout, G, Gm, w_bar = make_problem()
+    with pytest.raises(ConfigError, match="method.lam"):
+        lr.prune(lr_problem(layout, Gm, w_bar), 0.5, lr.Config(algorithm="backsolve", lam=0.0))
+
+
+def test_lr_beats_magnitude_on_digits(make_cfg, tmp_path):
+    accs = {}
+    for method in ("magnitude", "lr"):
+        rec = run(make_cfg(f"method={method}", "sparsity=0.9"), tmp_path / method)
+        accs[method] = rec["metrics"]["final_acc"]
+        assert rec["metrics"]["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)
+    stage = rec["stages"][0]
+    assert stage["objective"] <= stage["objective_start"]
+    assert accs["lr"] > accs["magnitude"], accs

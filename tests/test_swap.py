@@ -1,0 +1,237 @@
+"""SWAP / EWR (pruning/methods/swap.py): transport plans against independent references, the EWR
+objective and directions against dense formulas and autograd, the reduction to `lr` with the plan
+I/N, and the embedded digits comparison with magnitude pruning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from pruning import methods
+from pruning.errors import ConfigError
+from pruning.layout import num_kept
+from pruning.methods import lr, swap
+from pruning.sparse_regression import (
+    DenseOperator,
+    DensePlan,
+    IdentityPlan,
+    PlanRegression,
+    SolverConfig,
+    solve,
+)
+from pruning.gradients import split_blocks
+from pruning.layout import ParamLayout
+from pruning.methods.base import PruningProblem
+from pruning.task import run
+
+
+def make_problem(N: int = 40, p: int = 300, seed: int = 0):
+    """A random regression problem whose data term matters (as in test_lr)."""
+    g = torch.Generator().manual_seed(seed)
+    layout = ParamLayout(("a", "b"), ((p // 3,), (p - p // 3,)))
+    G = torch.randn(N, p, generator=g, dtype=torch.float64)
+    G = G * (1.0 + torch.arange(p, dtype=torch.float64) % 7 / 3.0)
+    w_bar = torch.randn(p, generator=g, dtype=torch.float64)
+    return layout, G, split_blocks(G, layout, 64, torch.arange(N).view(N, 1)), w_bar
+
+
+def lr_problem(layout, Gm, w_bar, w=None):
+    return PruningProblem(layout=layout, w=w_bar.clone() if w is None else w, w_bar=w_bar,
+                          mask=torch.ones_like(w_bar, dtype=torch.bool), grads=Gm)
+
+
+def points(n: int = 50, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = scale * torch.randn(n, generator=g, dtype=torch.float64)
+    yhat = y + 0.5 * scale * torch.randn(n, generator=g, dtype=torch.float64)
+    return y, yhat
+
+
+def brute_q(G, y, w_bar, w, P, lam):
+    """(N/2) sum_ij P_ij (y_i - (G w)_j)^2 + (N lam / 2)||w - w_bar||^2, with the N x N cost."""
+    N = G.shape[0]
+    yhat = G @ w
+    return 0.5 * N * (P * (y[:, None] - yhat[None, :]) ** 2).sum() + 0.5 * N * lam * ((w - w_bar) ** 2).sum()
+
+
+# ---------------------------------------------------------------------------------------- plans
+@pytest.mark.parametrize("eps,log_domain", [(10.0, False), (1.0, False), (0.1, False), (0.02, False),
+                                            (2e-3, True), (5e-4, True)])
+def test_sinkhorn_marginals_and_gibbs_form(eps, log_domain):
+    y, yhat = points()
+    M = swap.cost_matrix(y, yhat)
+    plan, info = swap.sinkhorn_plan(y, yhat, eps, max_iter=100000, tol=1e-10)
+    assert (info["sinkhorn_method"] == "sinkhorn_log") == log_domain
+    assert info["cost_max_over_epsilon"] == pytest.approx(float(M.max()) / eps)
+    P = plan.dense()
+    n = P.shape[0]
+    assert bool(torch.isfinite(P).all()) and bool((P >= 0).all())
+    assert float((P.sum(1) - 1 / n).abs().max()) < 1e-6
+    assert float((P.sum(0) - 1 / n).abs().max()) < 1e-6
+    # entropic OT optimality: log P + M / eps = f_i + g_j (checked where P is representable)
+    L = P.log() + M / eps
+    ok = P > 1e-250
+    resid = L - L[:, :1] - L[:1, :] + L[0, 0]
+    assert bool(ok[:, 0].all()) and bool(ok[0].all()) or eps < 0.01
+    if bool(ok[:, :1].all()) and bool(ok[:1].all()):
+        assert float(resid[ok].abs().max()) < 1e-6 * max(1.0, float(M.max()) / eps)
+
+
+def test_plain_sinkhorn_breaks_down_where_the_log_domain_is_used():
+    """The case the log domain is for: exp(-M/eps) underflows, the plain iterations fail."""
+    y, yhat = points()
+    eps = 5e-4
+    a = np.full(50, 1 / 50)
+    with pytest.warns(UserWarning):
+        P = ot.sinkhorn(a, a, swap.cost_matrix(y, yhat).numpy(), eps, method="sinkhorn", numItermax=2000)
+    bad = not np.isfinite(P).all() or np.abs(P.sum(0) - 1 / 50).max() > 1e-6
+    assert bad
+    plan, info = swap.sinkhorn_plan(y, yhat, eps, max_iter=100000, tol=1e-10)
+    assert info["sinkhorn_method"] == "sinkhorn_log" and info["marginal_error"] < 1e-6
+
+
+def test_epsilon_zero_is_the_monotone_matching():
+    y, yhat = points(40, seed=2)
+    cfg = swap.Config(epsilon=0.0)
+    plan, info = swap.transport_plan(y, yhat, cfg)
+    assert info["plan"] == "monotone"
+    P = plan.dense()
+    # a permutation / N
+    assert bool(((P == 0) | (P == 1 / 40)).all())
+    assert torch.equal((P > 0).sum(0), torch.ones(40, dtype=torch.long))
+    assert torch.equal((P > 0).sum(1), torch.ones(40, dtype=torch.long))
+    # the r-th smallest y is matched to the r-th smallest yhat
+    rows, cols = P.nonzero(as_tuple=True)
+    assert torch.equal(torch.argsort(torch.argsort(y[rows])), torch.argsort(torch.argsort(yhat[cols])))
+    # and it is the exact OT plan (network simplex, independent)
+    a = np.full(40, 1 / 40)
+    P_emd = ot.emd(a, a, swap.cost_matrix(y, yhat).numpy())
+    assert np.allclose(P.numpy(), P_emd, atol=1e-12)
+    assert info["plan_entropy"] == pytest.approx(math.log(40))
+
+
+def test_epsilon_inf_is_uniform_and_the_limit_of_sinkhorn():
+    y, yhat = points(30)
+    plan, info = swap.transport_plan(y, yhat, swap.Config(epsilon=math.inf))
+    assert info["plan"] == "uniform"
+    assert torch.allclose(plan.dense(), torch.full((30, 30), 1 / 900, dtype=torch.float64), rtol=0, atol=1e-18)
+    assert info["plan_entropy"] == pytest.approx(2 * math.log(30))
+    big, _ = swap.sinkhorn_plan(y, yhat, 1e8)
+    assert torch.allclose(big.dense(), plan.dense(), rtol=1e-6)
+    assert swap.Config(epsilon="inf").epsilon == math.inf  # the string form from YAML / CLI
+
+
+def test_small_epsilon_approaches_the_monotone_matching():
+    y, yhat = points(30, seed=4)
+    mono, _ = swap.transport_plan(y, yhat, swap.Config(epsilon=0.0))
+    sk, _ = swap.sinkhorn_plan(y, yhat, 1e-3 * float(swap.cost_matrix(y, yhat).median()), max_iter=200000, tol=1e-12)
+    assert float((sk.dense() - mono.dense()).abs().sum()) < 0.1
+
+
+# ------------------------------------------------------------------------------ the EWR objective
+@pytest.mark.parametrize("kind", ["sinkhorn", "monotone", "uniform", "identity"])
+def test_objective_and_directions_match_dense_formulas(kind):
+    layout, G, Gm, w_bar = make_problem(N=30, p=90)
+    g = torch.Generator().manual_seed(5)
+    w = w_bar * (torch.rand(90, generator=g, dtype=torch.float64) > 0.5)
+    y, yhat = G @ w_bar, G @ w
+    lam = 0.01
+    cfg = {"sinkhorn": swap.Config(epsilon=float(swap.cost_matrix(y, yhat).median())),
+           "monotone": swap.Config(epsilon=0.0), "uniform": swap.Config(epsilon=math.inf),
+           "identity": swap.Config(plan="identity")}[kind]
+    plan, _ = swap.transport_plan(y, yhat, cfg)
+    P = plan.dense()
+    obj = PlanRegression(y, w_bar, lam, plan, "gradient")
+    op = DenseOperator(G)
+    assert obj.value(w, op.matvec(w)) == pytest.approx(float(brute_q(G, y, w_bar, w, P, lam)), rel=1e-10)
+    # exact gradient == autograd of the brute-force objective
+    wr = w.clone().requires_grad_(True)
+    brute_q(G, y, w_bar, wr, P, lam).backward()
+    assert torch.allclose(obj.direction_vec(op, w, op.matvec(w)), wr.grad, rtol=1e-9, atol=1e-9)
+    # the paper-era direction G^T (N P)(G w - y) + N lam (w - w_bar)
+    paper = PlanRegression(y, w_bar, lam, plan, "paper")
+    N = G.shape[0]
+    ref = G.T @ (N * P @ (G @ w - y)) + N * lam * (w - w_bar)
+    assert torch.allclose(paper.direction_vec(op, w, op.matvec(w)), ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("direction", ["paper", "gradient"])
+def test_swap_objective_never_increases(direction):
+    layout, G, Gm, w_bar = make_problem()
+    g = torch.Generator().manual_seed(1)
+    w = w_bar + 0.3 * torch.randn(300, generator=g, dtype=torch.float64)  # so that y != yhat
+    problem = lr_problem(layout, Gm, w_bar, w)
+    y = G @ w_bar
+    eps = float(swap.cost_matrix(y, G @ w).median())
+    cfg = swap.Config(lam=1e-3, epsilon=eps, direction=direction, ftol=0.0, max_iter=200)
+    res = swap.prune(problem, 0.9, cfg)
+    hist = res.info["history"]
+    assert len(hist) > 3
+    for a, b in zip(hist, hist[1:]):
+        assert b <= a * (1 + 1e-12) + 1e-12
+    assert res.info["plan"] == "sinkhorn" and res.info["direction"] == direction
+    assert int(res.mask.sum()) == num_kept(300, 0.9)
+    assert bool((res.w[~res.mask] == 0).all())
+    plan, _ = swap.transport_plan(y, G @ w, cfg)
+    assert res.info["objective"] == pytest.approx(float(brute_q(G, y, w_bar, res.w, plan.dense(), 1e-3)), rel=1e-9)
+
+
+# ------------------------------------------------------------------------- reduction to lr (I/N)
+@pytest.mark.parametrize("algorithm", ["iht", "active_iht", "backsolve"])
+def test_swap_with_identity_plan_is_lr(algorithm):
+    layout, G, Gm, w_bar = make_problem()
+    g = torch.Generator().manual_seed(7)
+    w = w_bar * (torch.rand(300, generator=g, dtype=torch.float64) > 0.3)
+    kw = {"lam": 1e-3, "algorithm": algorithm, "ftol": 0.0, "max_iter": 50}
+    a = lr.prune(lr_problem(layout, Gm, w_bar, w.clone()), 0.9, lr.Config(**kw))
+    b = swap.prune(lr_problem(layout, Gm, w_bar, w.clone()), 0.9, swap.Config(plan="identity", **kw))
+    assert a.info["history"] == b.info["history"]  # step for step
+    assert torch.equal(a.w, b.w) and torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("direction", ["paper", "gradient"])
+@pytest.mark.parametrize("algorithm", ["iht", "active_iht"])
+def test_dense_plan_eye_over_n_matches_lr_step_for_step(direction, algorithm):
+    """The general (dense-plan) code path with Pi = I/N gives lr's iterates."""
+    layout, G, Gm, w_bar = make_problem()
+    g = torch.Generator().manual_seed(8)
+    w0 = w_bar * (torch.rand(300, generator=g, dtype=torch.float64) > 0.3)
+    y = G @ w_bar
+    k = num_kept(300, 0.9)
+    cfg = SolverConfig(lam=1e-3, algorithm=algorithm, ftol=0.0, max_iter=40)
+    a = solve(Gm, y, w_bar, w0, k, IdentityPlan(40), cfg, "gradient")
+    b = solve(Gm, y, w_bar, w0, k, DensePlan(torch.eye(40, dtype=torch.float64) / 40), cfg, direction)
+    assert len(a.history) == len(b.history)
+    assert np.allclose(a.history, b.history, rtol=1e-10)
+    assert torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.w, b.w, rtol=1e-8, atol=1e-10)
+
+
+def test_config_errors_name_key_and_allowed_values():
+    with pytest.raises(ConfigError, match="method.direction.*paper, gradient"):
+        methods.make_config("swap", {"direction": "newton"})
+    with pytest.raises(ConfigError, match="method.epsilon"):
+        methods.make_config("swap", {"epsilon": -1.0})
+    with pytest.raises(ConfigError, match="method.sinkhorn_method.*sinkhorn_log"):
+        methods.make_config("swap", {"sinkhorn_method": "greenkhorn"})
+    cfg = methods.make_config("swap", {"name": "swap", "epsilon": ".inf"})
+    assert cfg.epsilon == math.inf and cfg.lam == 0.01 and cfg.direction == "paper"
+
+
+def test_swap_beats_magnitude_on_digits(make_cfg, tmp_path):
+    """One-shot 90% on the embedded digits MLP. Its per-sample targets y = G w_bar are ~1e-2, so the
+    reference epsilon = 1 (raw cost units) is effectively infinite here; 1e-3 is on their scale."""
+    accs = {}
+    for method, extra in (("magnitude", []), ("swap", ["method.epsilon=0.001"])):
+        rec = run(make_cfg(f"method={method}", "sparsity=0.9", *extra), tmp_path / method)
+        accs[method] = rec["metrics"]["final_acc"]
+        assert rec["metrics"]["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)
+    stage = rec["stages"][0]
+    assert stage["plan"] == "sinkhorn" and stage["epsilon_used"] == 0.001 and stage["direction"] == "paper"
+    assert stage["objective"] <= stage["objective_start"]
+    assert math.log(64) <= stage["plan_entropy"] <= 2 * math.log(64)
+    assert accs["swap"] > accs["magnitude"], accs
