@@ -43,7 +43,9 @@ Solvers (CHITA, Benbaki et al. ICML 2023, `CHITA_opt/L0_card_const.py`; algorith
   in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I).
 
 Every objective value the solvers record is Q of the full p-vector; the recorded sequence never
-increases (steps that would increase it are rejected). No p x p matrix is ever formed; G is only
+increases (steps that would increase it are rejected, and IHT-LS stops: info `stop` is ftol,
+max_iter, no_decrease, or no_descent when <grad Q, d_S> <= 0, which the paper direction can give
+for near-uniform plans; the SWAP code's step search then returns tau = 0 as well). No p x p matrix is ever formed; G is only
 used through matvec / rmatvec and, for the active set and backsolve, through column subsets.
 """
 
@@ -347,10 +349,13 @@ class UniformPlan(Plan):
         self.n = n
 
     def apply(self, r: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(r, float(r.sum()) / self.n ** 2)
+        return (r.sum(0, keepdim=True) / self.n ** 2).expand_as(r).clone()
 
     def apply_t(self, r: torch.Tensor) -> torch.Tensor:
         return self.apply(r)
+
+    def dense(self) -> torch.Tensor:
+        return torch.full((self.n, self.n), 1.0 / self.n ** 2, dtype=torch.float64)
 
     def entropy(self) -> float:
         return 2.0 * math.log(self.n)
@@ -586,11 +591,11 @@ def _ls_step(obj: PlanRegression, op: Any, s: _State, k: int, cfg: SolverConfig)
         f = obj.value(w, yhat)
         if f < s.f:
             return _State(w, s.mask, yhat, f), "exact"
-        return s, "stalled"
+        return s, "no_decrease"
     tau = bound / (1.0 + 1e-4) if 0 < bound < math.inf else tau_opt
     if not tau > 0:
-        return s, "stalled"
-    best, kind = s, "stalled"
+        return s, "no_descent" if num <= 0 else "no_decrease"
+    best, kind = s, ("no_descent" if num <= 0 else "no_decrease")
     for _ in range(max(cfg.step_search, 1)):
         x, mask = _hard_threshold(s.w - tau * d, k)
         yh = op.matvec(x).to(s.w.dtype)
@@ -611,10 +616,11 @@ def iht_ls(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverCo
     s, first = _first_iterate(obj, op, w0, k, L)
     history = [s.f]
     kinds = {"exact": 0, "expanded": 0}
-    it = 0
+    it, stop = 0, "max_iter"
     while it < cfg.max_iter:
         new, kind = _ls_step(obj, op, s, k, cfg)
-        if kind == "stalled":
+        if kind not in kinds:
+            stop = kind
             break
         it += 1
         kinds[kind] += 1
@@ -622,8 +628,10 @@ def iht_ls(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverCo
         done = abs(s.f - new.f) <= cfg.ftol * max(abs(s.f), abs(new.f))
         s = new
         if done:
+            stop = "ftol"
             break
-    info = {"iterations": it, "steps_exact": kinds["exact"], "steps_expanded": kinds["expanded"], "L": first["L"]}
+    info = {"iterations": it, "steps_exact": kinds["exact"], "steps_expanded": kinds["expanded"], "L": first["L"],
+            "stop": stop}
     return SolveResult(s.w, s.mask, s.f, history, info)
 
 
@@ -640,7 +648,7 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
     _, active, _, _ = _plain_step(obj, op, w0, yhat0, k_act, L)
     w = w0.clone()
     history: list[float] = []
-    iterations, rounds, outliers_total = 0, 0, 0
+    iterations, rounds, outliers_total, stop = 0, 0, 0, "max_iter"
     s: _State | None = None
     while True:
         idx = active.nonzero().squeeze(1)
@@ -648,6 +656,7 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
         objA = obj.restrict(idx)
         res = iht_ls(objA, opA, w[idx], k, cfg)
         iterations += res.info["iterations"]
+        stop = res.info["stop"]
         w = torch.zeros_like(w0)
         w[idx] = res.w
         mask = torch.zeros(p, dtype=torch.bool, device=w0.device)
@@ -678,7 +687,7 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
         w = s.w
         history.append(s.f)
     info = {"iterations": iterations, "active_set_rounds": rounds, "active_set_size": int(active.sum()),
-            "outliers_added": outliers_total, "L": L}
+            "outliers_added": outliers_total, "L": L, "stop": stop}
     return SolveResult(s.w, s.mask, s.f, history, info)
 
 

@@ -348,8 +348,16 @@ class Job:
                     self.record_stage(t, s_t, res, time.perf_counter() - t0)
                     self.ckpt.save(self, f"prune/{t}")
                 if int(sched.get("finetune_epochs", 0)) > 0:
-                    self.masked_training(int(sched.finetune_epochs), cfg.finetune if cfg.finetune.epochs else None,
-                                         stream=f"stage{t}", phase=f"stage{t}_finetune")
+                    stage_ft = sched.get("stage_finetune")  # its own optimiser, else the finetune group's
+                    self.masked_training(int(sched.finetune_epochs),
+                                         stage_ft if stage_ft else (cfg.finetune if cfg.finetune.epochs else None),
+                                         stream=f"stage{t}", phase=f"stage{t}_finetune",
+                                         key="schedule.stage_finetune" if stage_ft else "finetune")
+                    ft = self.eval_now()  # the stage row also gets the accuracy after its fine-tuning (SWAP)
+                    for row in self.record.data["stages"]:
+                        if row.get("stage") == t:
+                            row.update(finetuned_acc=ft["acc"], finetuned_loss=ft["loss"])
+                    self.record.save()
         elif sched.name == "gradual":
             self.gradual(target)
         stats = sparsity_stats(self.model, self.layout)
@@ -401,11 +409,11 @@ class Job:
             self.record.update_metrics(**structured)
 
     # ------------------------------------------------------------ fine-tune
-    def masked_training(self, epochs: int, ft_cfg: Any, stream: str, phase: str) -> None:
+    def masked_training(self, epochs: int, ft_cfg: Any, stream: str, phase: str, key: str = "finetune") -> None:
         params = dict(OmegaConf.to_container(ft_cfg, resolve=True)) if ft_cfg is not None else {}
         params["epochs"] = epochs
         params.setdefault("batch_size", int(self.cfg.dataset.get("batch_size", 64)))
-        tc = train_config(params, "finetune")
+        tc = train_config(params, key)
         opt = make_optimizer(self.model, tc)
         loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), f"finetune/{stream}"))
         for epoch in range(self.ckpt.resume_loop(phase, loader, opt), tc.epochs):

@@ -186,3 +186,39 @@ def test_resume_false_or_other_config_starts_over(make_cfg: Callable[..., Any], 
     data = run(fresh, run_dir)
     assert data["status"] == "completed" and "resumed_from" not in data
     assert [r["epoch"] for r in _rows(run_dir) if r["phase"] == "finetune"] == [1, 2]
+
+
+def test_resumed_pruning_step_reads_g_from_the_cache(make_cfg: Callable[..., Any], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 'G computed' boundary: preempted inside a method's pruning step, the resumed job reads
+    the G of that step from the gradient cache (calibration.cache) instead of recomputing it."""
+    from pruning import gradients, methods
+
+    cfg = make_cfg("method=woodfisher", "schedule=multistage", "schedule.stages=2", "calibration.num_samples=48",
+                   "deterministic=true")
+    module = methods.get("woodfisher")
+    prune, compute = module.prune, gradients.compute_gradient_matrix
+    calls: list[int] = []
+
+    def counting_compute(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return compute(*args, **kwargs)
+
+    def preempted_in_stage_2(problem: Any, sparsity: float, mcfg: Any) -> Any:
+        if problem.stage == 2:
+            raise SystemExit(-1)
+        return prune(problem, sparsity, mcfg)
+
+    monkeypatch.setattr(gradients, "compute_gradient_matrix", counting_compute)
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(module, "prune", preempted_in_stage_2)
+        with pytest.raises(SystemExit):
+            run(cfg, run_dir)
+    assert calls, "the interrupted attempt computed G for stage 2"
+    calls.clear()
+    resumed = run(cfg, run_dir)
+    assert resumed["resumed_from"] == "prune/1" and resumed["status"] == "completed"
+    assert calls == []
+    reference = run(cfg, tmp_path / "reference")
+    assert _result(resumed) == _result(reference)
