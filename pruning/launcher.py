@@ -77,9 +77,10 @@ def mark_unfinished(run_dir: Path, reason: str, details: str = "") -> str:
     return "failed"
 
 
-# scheduler states of a job that is over; a job in one of them without a result pickle never writes one
+# states of a job that is over (Slurm's, and the local executor's INTERRUPTED for a process killed by
+# a signal); a job in one of them without a result pickle never writes one
 _DEAD_STATES = ("CANCELLED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT", "PREEMPTED", "BOOT_FAIL",
-                "DEADLINE", "REVOKED")
+                "DEADLINE", "REVOKED", "INTERRUPTED")
 
 
 def _ended_without_result(job: Any) -> bool:
@@ -107,16 +108,21 @@ def collect(launcher: Any, job: Any, overrides: Sequence[str], job_num: int) -> 
             state = job.state
         except Exception:  # sacct unreachable: the exception text still says what happened
             state = "UNKNOWN"
-        run_dir = job_run_dir(launcher, overrides, job_num)
         reason = (f"{launcher._EXECUTOR} job {job.job_id} ended {state} without a result "
                   f"(logs: {job.paths.stdout.parent})")
-        status = mark_unfinished(run_dir, reason, f"{type(exc).__name__}: {exc}")
-        where = {"failed": f"recorded as failed in {run_dir}/result.json",
-                 "missing": "the run never started (missing)",
-                 "completed": "the run itself had completed"}[status]
+        run_dir: Path | None = None
+        try:
+            run_dir = job_run_dir(launcher, overrides, job_num)
+            status = mark_unfinished(run_dir, reason, f"{type(exc).__name__}: {exc}")
+            where = {"failed": f"recorded as failed in {run_dir}/result.json",
+                     "missing": "the run never started (missing)",
+                     "completed": "the run itself had completed"}[status]
+        except Exception as err:  # bookkeeping must not stop the sweep either
+            where = f"could not record it ({type(err).__name__}: {err})"
         print(f"error: job #{job_num} ({' '.join(filter_overrides(overrides))}): {reason}; {where}",
               file=sys.stderr, flush=True)
-        ret = JobReturn(overrides=list(overrides), working_dir=str(run_dir), status=JobStatus.COMPLETED)
+        ret = JobReturn(overrides=list(overrides), working_dir=str(run_dir) if run_dir else None,
+                        status=JobStatus.COMPLETED)
         ret.return_value = None
         return ret
 

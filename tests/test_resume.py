@@ -194,8 +194,8 @@ def test_resumed_pruning_step_reads_g_from_the_cache(make_cfg: Callable[..., Any
     the G of that step from the gradient cache (calibration.cache) instead of recomputing it."""
     from pruning import gradients, methods
 
-    cfg = make_cfg("method=woodfisher", "schedule=multistage", "schedule.stages=2", "calibration.num_samples=48",
-                   "deterministic=true")
+    # stage 2's G (at the weights after stage 1) is computed by no other test: no earlier cache hit
+    cfg = make_cfg("method=woodfisher", "schedule=multistage", "schedule.stages=2", "deterministic=true")
     module = methods.get("woodfisher")
     prune, compute = module.prune, gradients.compute_gradient_matrix
     calls: list[int] = []
@@ -222,3 +222,73 @@ def test_resumed_pruning_step_reads_g_from_the_cache(make_cfg: Callable[..., Any
     assert calls == []
     reference = run(cfg, tmp_path / "reference")
     assert _result(resumed) == _result(reference)
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_survives_a_killed_job_and_the_relaunch_resumes_it(tmp_path: Path,
+                                                                              session_cache: Path) -> None:
+    """cluster=submitit_local (the launcher behind cluster=slurm, without Slurm): a job killed like
+    an out-of-memory kill is recorded as failed and the sweep ends normally with its summary; the
+    same command again skips the completed run and resumes the killed one from its saved stage."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pruning.config import run_dirname
+
+    root = Path(__file__).resolve().parents[1]
+    common = [f"paths.out_root={tmp_path}", f"paths.data_dir={tmp_path / 'data'}", f"paths.cache_dir={session_cache}",
+              "progress=false", "calibration.num_samples=64", "finetune=short", "finetune.batch_size=2048"]
+    args = [sys.executable, str(root / "launch.py"), "-m", "cluster=submitit_local", "sweep_name=local_kill",
+            "resources.cpus=1", *common, "finetune.epochs=1,300"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    sweep_dir = tmp_path / "sweeps" / "local_kill"
+    long = sweep_dir / run_dirname([*common, "finetune.epochs=300"]) / "seed=0"
+
+    def epochs_done() -> int:
+        try:
+            rows = [json.loads(x) for x in (long / "metrics.jsonl").read_text().splitlines() if x.endswith("}")]
+        except FileNotFoundError:
+            return 0
+        return max((r.get("epoch", 0) for r in rows if r.get("phase") == "finetune"), default=0)
+
+    def running_jobs() -> list[Path]:  # the local executor's job id is the pid of the job's process
+        return [d for d in (sweep_dir / ".submitit").glob("[0-9]*") if not list(d.glob("*_result.pkl"))]
+
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        # the short job is over and the long one has passed two epochs
+        while epochs_done() < 2 or len(running_jobs()) != 1:
+            assert proc.poll() is None and time.time() - t0 < 180, "the long job never reached epoch 2 alone"
+            time.sleep(0.2)
+        # the job: submitit's local controller (pid = job id) and its task process; kill both, like an
+        # out-of-memory kill of the job
+        pid = int(running_jobs()[0].name)
+        assert b"submitit.local._local" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        tasks = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert tasks and all(b"submitit.core._submit" in Path(f"/proc/{t}/cmdline").read_bytes() for t in tasks)
+        for victim in (pid, *tasks):
+            os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # the launcher and its job processes (one process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
+    rec = json.loads((long / "result.json").read_text())
+    assert rec["status"] == "failed" and "without a result" in rec["error"], rec["error"]
+    assert "1 completed, 1 failed" in out and "finetune.epochs=300" in out
+    done = epochs_done()
+
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 completed, 0 failed" in again.stdout
+    rec = json.loads((long / "result.json").read_text())
+    assert rec["status"] == "completed" and rec["attempt"] == 2
+    assert rec["resumed_from"].startswith("finetune/") and int(rec["resumed_from"].split("/")[1]) >= done - 1
+    epochs = [r["epoch"] for r in _rows(long) if r["phase"] == "finetune"]
+    assert epochs == list(range(1, 301))

@@ -13,8 +13,10 @@ import torch
 
 from pruning import methods
 from pruning.errors import ConfigError
-from pruning.layout import num_kept
+from pruning.gradients import split_blocks
+from pruning.layout import ParamLayout, num_kept
 from pruning.methods import lr, swap
+from pruning.methods.base import PruningProblem
 from pruning.sparse_regression import (
     DenseOperator,
     DensePlan,
@@ -23,9 +25,6 @@ from pruning.sparse_regression import (
     SolverConfig,
     solve,
 )
-from pruning.gradients import split_blocks
-from pruning.layout import ParamLayout
-from pruning.methods.base import PruningProblem
 from pruning.task import run
 
 

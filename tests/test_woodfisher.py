@@ -168,5 +168,6 @@ def test_beats_magnitude_on_embedded_digits(make_cfg, tmp_path, session_cache):
     # G went through the on-disk cache, keyed and stored once
     entries = [p for p in (session_cache / "grads").iterdir() if not p.name.startswith(".")]
     assert entries and all((p / "meta.json").is_file() for p in entries)
-    meta = json.loads((entries[0] / "meta.json").read_text())
-    assert meta["num_rows"] in {256, 64} and meta["mini_batch"] == 1
+    metas = [json.loads((p / "meta.json").read_text()) for p in entries]
+    # the session cache is shared with other tests: look for this test's entry (N = 256, m = 1)
+    assert any(m["num_rows"] == 256 and m["mini_batch"] == 1 for m in metas), metas

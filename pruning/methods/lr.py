@@ -37,7 +37,7 @@ from typing import Any
 from pruning.errors import ConfigError
 from pruning.layout import num_kept
 from pruning.methods.base import PruneResult, PruningProblem
-from pruning.sparse_regression import IdentityPlan, SolveResult, SolverConfig, cast_operator, solve
+from pruning.sparse_regression import IdentityPlan, SolverConfig, SolveResult, cast_operator, solve
 
 NEEDS_GRADIENTS = True
 
