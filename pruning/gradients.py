@@ -15,16 +15,21 @@ builder. Two modes (`calibration.stream`):
 * ``stream: false`` (default, in memory): one pass over the data differentiates w.r.t. all
   prunable tensors; each chunk's rows are written straight into the per-block tensors. Peak
   memory: G itself (N p floats, in blocks) + one chunk of rows (chunk_size x p).
-* ``stream: true`` (large models): one pass per group of consecutive prunable tensors holding at
-  most STREAM_COLS = 2^20 columns (a larger tensor gets a pass of its own), each pass
-  differentiating only w.r.t. its tensors (the others are frozen constants) and writing their
-  columns row-chunk by row-chunk into memory-mapped ``.npy`` files on disk. The blocks of the
-  returned matrix are copy-on-write memory maps, so G lives in the page cache, not in process
-  memory. Peak process memory: chunk_size x max(2^20, largest p_t) floats + activations,
-  independent of p. The price is one forward/backward pass per group (a single pass for
-  ResNet-20, about 25 for ResNet-50). Files live in the cache when
-  ``calibration.cache`` is on, else in a scratch directory that is unlinked at once (the maps
-  stay valid until the matrix is dropped).
+* ``stream: true`` (large models): ONE pass over the data (vmap over all prunable tensors), each
+  chunk of rows written with positioned writes into per-tensor (N, p_t) ``.npy`` files on disk
+  (a `BlockStore`). Rows per vmap call are capped so that one chunk of rows takes at most
+  `stream_chunk_mb` (default 1024 MiB: 10 rows for ResNet-50). The returned matrix is backed by
+  the store: every consumer (matvec, rmatvec, columns, rows, blocks) reads what it needs with
+  explicit reads into fresh tensors and drops them, so no page of G stays resident (touched pages
+  of a memory map would count in the resident set). Peak process memory: one chunk of rows +
+  activations while building; one block (N x B_b) while consuming. G itself lives on disk and in
+  the reclaimable page cache. `stream_cols` (an integer) restores the older multi-pass variant
+  (one pass per group of at most that many columns), which bounds the chunk to
+  chunk_size x stream_cols floats at the price of one pass per group. Files live in the cache
+  when ``calibration.cache`` is on, else in a scratch directory that is unlinked at once (the
+  store keeps its files open, so they stay readable until the matrix is dropped). Blocks are
+  cast to the matrix's dtype and moved to its device (the model's) as they are read, so a GPU
+  run streams blocks host -> device and never holds G on the GPU.
 
 Disk cache
 ----------
@@ -62,17 +67,141 @@ from pruning.errors import ConfigError
 from pruning.layout import ParamLayout
 
 CACHE_VERSION = 1
-STREAM_COLS = 1 << 20  # columns differentiated per pass in stream mode (chunk_size x this floats in memory)
+STREAM_COLS = 1 << 20  # columns per pass of the multi-pass stream variant (stream_cols=STREAM_COLS)
+STREAM_CHUNK_MB = 1024  # stream mode: at most this many MiB of gradient rows per vmap call
+RESIDENT_MB = 2048  # stream mode: largest dense copy of G's columns a solver keeps (lr/swap active sets)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_IO_MAX = 1 << 30  # bytes per positioned read/write call (Linux caps one call near 2 GiB)
+
+
+def _tensor_file(t: int) -> str:
+    return f"tensor{t:04d}.npy"
+
+
+class BlockStore:
+    """G on disk: one row-major (N, p_t) float32 ``.npy`` file per prunable tensor.
+
+    Rows s:e of a tensor are one contiguous byte range, so a chunk of rows is one positioned write
+    per tensor; a block (columns lo:hi of a tensor, all rows) is one read when it spans the tensor,
+    else one read per row. Nothing is memory-mapped: a read copies exactly what was asked for into
+    a fresh array that the caller drops, so the process never keeps pages of G resident. The files
+    stay open, so a store outlives the unlinking of its directory (scratch stores).
+    """
+
+    def __init__(self, root: Path, sizes: tuple[int, ...], n_rows: int, files: list[Any], offsets: list[int]):
+        self.root, self.sizes, self.n_rows = Path(root), tuple(int(v) for v in sizes), int(n_rows)
+        self.files, self.offsets = files, offsets
+
+    @classmethod
+    def create(cls, root: str | Path, sizes: tuple[int, ...], n_rows: int) -> BlockStore:
+        """Empty (sparse) files of the right shape under `root`, opened for writing."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        files, offsets = [], []
+        for t, size in enumerate(sizes):
+            f = open(root / _tensor_file(t), "w+b")  # noqa: SIM115 (kept open with the store)
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                    "shape": (int(n_rows), int(size))})
+            offsets.append(f.tell())
+            f.truncate(f.tell() + int(n_rows) * int(size) * 4)
+            files.append(f)
+        return cls(root, tuple(sizes), n_rows, files, offsets)
+
+    @classmethod
+    def open(cls, root: str | Path, sizes: tuple[int, ...]) -> BlockStore:
+        """The files written by `create` (or `save_gradient_matrix`), checked against `sizes`."""
+        root = Path(root)
+        files, offsets, n_rows = [], [], None
+        try:
+            for t, size in enumerate(sizes):
+                f = open(root / _tensor_file(t), "rb")  # noqa: SIM115
+                files.append(f)
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                n_rows = shape[0] if n_rows is None else n_rows
+                if len(shape) != 2 or shape != (n_rows, size) or fortran or dtype != np.float32:
+                    raise ValueError(f"stored gradients {root / _tensor_file(t)} have shape {shape} and dtype "
+                                     f"{dtype}, expected ({n_rows}, {size}) float32")
+                offsets.append(f.tell())
+                if os.fstat(f.fileno()).st_size < f.tell() + shape[0] * size * 4:
+                    raise ValueError(f"stored gradients {root / _tensor_file(t)} are truncated")
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
+        return cls(root, tuple(sizes), n_rows or 0, files, offsets)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def write_rows(self, t: int, start: int, rows: np.ndarray) -> None:
+        """Rows start:start+len(rows) of tensor t (rows: (n, p_t) float32)."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.sizes[t] or start + rows.shape[0] > self.n_rows:
+            raise ValueError(f"rows of shape {rows.shape} at {start} do not fit tensor {t} "
+                             f"({self.n_rows}, {self.sizes[t]})")
+        buf = memoryview(rows).cast("B")
+        pos, fd = self.offsets[t] + start * self.sizes[t] * 4, self.files[t].fileno()
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(fd, buf[done:done + _IO_MAX], pos + done)
+
+    def _read_into(self, t: int, out: np.ndarray, pos: int) -> None:
+        buf = memoryview(out).cast("B")
+        fd, done = self.files[t].fileno(), 0
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:done + _IO_MAX]], pos + done)
+            if n <= 0:
+                raise OSError(f"unexpected end of {self.root / _tensor_file(t)}")
+            done += n
+
+    def read(self, t: int, lo: int = 0, hi: int | None = None, r0: int = 0, r1: int | None = None) -> np.ndarray:
+        """A fresh (r1 - r0, hi - lo) float32 copy of rows r0:r1, columns lo:hi of tensor t."""
+        size = self.sizes[t]
+        hi = size if hi is None else hi
+        r1 = self.n_rows if r1 is None else r1
+        out = np.empty((r1 - r0, hi - lo), dtype=np.float32)
+        base = self.offsets[t]
+        if lo == 0 and hi == size:
+            self._read_into(t, out, base + r0 * size * 4)
+        else:
+            for i in range(r1 - r0):
+                self._read_into(t, out[i], base + ((r0 + i) * size + lo) * 4)
+        return out
+
+    def views(self) -> list[np.ndarray]:
+        """Lazy copy-on-write memory maps of the files (compatibility views; touching their pages
+        makes them resident, so the hot paths use `read`)."""
+        return [np.memmap(f, dtype=np.float32, mode="c", offset=off, shape=(self.n_rows, size))
+                for f, off, size in zip(self.files, self.offsets, self.sizes)]
+
+
+def _owners_by_size(sizes: tuple[int, ...], blocks: list[slice]) -> list[tuple[int, int, int]]:
+    """For each block: (tensor index, local start, local stop) inside that tensor."""
+    starts = np.cumsum((0,) + tuple(sizes))
+    out = []
+    for sl in blocks:
+        t = int(np.searchsorted(starts, sl.start, side="right")) - 1
+        if t < 0 or t >= len(sizes) or sl.stop > starts[t + 1]:
+            raise ValueError(f"block {sl} crosses a tensor boundary of the stored gradients")
+        out.append((t, sl.start - int(starts[t]), sl.stop - int(starts[t])))
+    return out
 
 
 @dataclass
 class GradientMatrix:
     """G (N x p) held as column blocks; behaves as a linear operator for IHT-style solvers.
 
-    `data[b]` is the (N, len(blocks[b])) slice of G for `blocks[b]`: a contiguous tensor in
-    memory mode, or a strided view of a memory-mapped file when `mmap` is true (stream mode).
-    `key` is the cache key of the noise-free G (None when it was not computed through the cache).
+    In memory, `data[b]` is the (N, len(blocks[b])) slice of G for `blocks[b]` (a tensor on
+    G's device). Backed by a `BlockStore` (stream mode, `mmap` true), G lives on disk: `block(b)`,
+    `columns`, `rows`, `matvec` and `rmatvec` read what they need and cast it to `dtype` on
+    `device` (`lazy_dtype`, `lazy_device`; `to()` only changes these), and `data` holds lazy
+    memory-map views for compatibility only. `key` is the cache key of the noise-free G (None
+    when it was not computed through the cache). `max_resident_bytes` bounds dense copies of
+    columns that solvers may keep (None: no bound).
     """
 
     blocks: list[slice]
@@ -80,10 +209,27 @@ class GradientMatrix:
     indices: torch.Tensor        # dataset indices used, shape (N, m)
     key: str | None = None
     mmap: bool = False
+    store: BlockStore | None = None
+    lazy_dtype: torch.dtype | None = None
+    lazy_device: torch.device | None = None
+    max_resident_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        self._owners = _owners_by_size(self.store.sizes, self.blocks) if self.store is not None else None
+
+    @classmethod
+    def from_store(cls, store: BlockStore, blocks: list[slice], indices: torch.Tensor, *, key: str | None = None,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   max_resident_bytes: int | None = RESIDENT_MB << 20) -> GradientMatrix:
+        views = store.views()
+        owners = _owners_by_size(store.sizes, blocks)
+        data = [torch.from_numpy(views[t][:, lo:hi]) for t, lo, hi in owners]
+        return cls(blocks, data, indices, key=key, mmap=True, store=store, lazy_dtype=dtype,
+                   lazy_device=torch.device(device), max_resident_bytes=max_resident_bytes)
 
     @property
     def num_rows(self) -> int:
-        return self.data[0].shape[0]
+        return self.store.n_rows if self.store is not None else self.data[0].shape[0]
 
     @property
     def num_cols(self) -> int:
@@ -91,48 +237,75 @@ class GradientMatrix:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.data[0].dtype
+        return self.lazy_dtype if self.store is not None else self.data[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.data[0].device
+        return self.lazy_device if self.store is not None else self.data[0].device
+
+    def _read(self, t: int, lo: int, hi: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        arr = torch.from_numpy(self.store.read(t, lo, hi, r0, r1))
+        return arr.to(device=self.device, dtype=self.dtype)
+
+    def block(self, b: int) -> torch.Tensor:
+        """Columns of block b, (N, len(blocks[b])): the tensor itself in memory, a fresh read from disk."""
+        if self.store is None:
+            return self.data[b]
+        return self._read(*self._owners[b])
 
     def dense(self) -> torch.Tensor:
         """The full N x p matrix (small models and tests only)."""
-        return torch.cat(self.data, dim=1)
+        return torch.cat([self.block(b) for b in range(len(self.blocks))], dim=1)
 
     def matvec(self, w: torch.Tensor) -> torch.Tensor:
-        """G w (length N)."""
-        out = torch.zeros(self.num_rows, dtype=self.data[0].dtype, device=self.data[0].device)
-        for sl, gb in zip(self.blocks, self.data):
+        """G w (length N); one block at a time."""
+        out = torch.zeros(self.num_rows, dtype=self.dtype, device=self.device)
+        for b, sl in enumerate(self.blocks):
+            gb = self.block(b)
             out += gb @ w[sl].to(device=gb.device, dtype=gb.dtype)
+            del gb
         return out
 
     def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
-        """G^T r (length p)."""
-        return torch.cat([gb.T @ r.to(device=gb.device, dtype=gb.dtype) for gb in self.data])
+        """G^T r (length p); one block at a time, into one preallocated vector."""
+        out = torch.empty(self.num_cols, dtype=self.dtype, device=self.device)
+        r = r.to(device=self.device, dtype=self.dtype)
+        for b, sl in enumerate(self.blocks):
+            gb = self.block(b)
+            torch.matmul(gb.T, r, out=out[sl])
+            del gb
+        return out
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> GradientMatrix:
+        if self.store is not None:  # lazy: blocks are cast and moved as they are read
+            return replace(self, lazy_device=torch.device(device), lazy_dtype=dtype or self.dtype)
         data = [d.to(device=device, dtype=dtype or d.dtype) for d in self.data]
         return replace(self, data=data, mmap=self.mmap and all(a is b for a, b in zip(data, self.data)))
 
     def columns(self, sl: slice) -> torch.Tensor:
-        """Columns `sl` of G as an (N, len) tensor (a view when `sl` lies inside one block)."""
+        """Columns `sl` of G as an (N, len) tensor (in memory: a view when `sl` lies inside one block)."""
         parts = []
-        for bsl, gb in zip(self.blocks, self.data):
+        for b, bsl in enumerate(self.blocks):
             lo, hi = max(sl.start, bsl.start), min(sl.stop, bsl.stop)
             if lo < hi:
-                parts.append(gb[:, lo - bsl.start:hi - bsl.start])
+                if self.store is None:
+                    parts.append(self.data[b][:, lo - bsl.start:hi - bsl.start])
+                else:
+                    t, blo, _ = self._owners[b]
+                    parts.append(self._read(t, blo + lo - bsl.start, blo + hi - bsl.start))
         if not parts:
             raise ValueError(f"columns {sl} are outside G's {self.num_cols} columns")
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of G as a dense (stop - start, p) tensor."""
-        return torch.cat([gb[start:stop] for gb in self.data], dim=1)
+        if self.store is None:
+            return torch.cat([gb[start:stop] for gb in self.data], dim=1)
+        return torch.cat([self._read(t, lo, hi, start, stop) for t, lo, hi in self._owners], dim=1)
 
     def iter_blocks(self, blocks: list[slice] | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(slice, columns) for each of `blocks` (default: G's own), gathering across G's blocks."""
+        """(slice, columns) for each of `blocks` (default: G's own), gathering across G's blocks;
+        one block resident at a time when G is on disk."""
         for sl in blocks if blocks is not None else self.blocks:
             yield sl, self.columns(sl)
 
@@ -225,24 +398,27 @@ def compute_gradient_matrix(
     block_size: int | None = None,
     stream: bool = False,
     store_dir: str | Path | None = None,
-    stream_cols: int = STREAM_COLS,
+    stream_cols: int | None = None,
+    stream_chunk_mb: float = STREAM_CHUNK_MB,
+    resident_mb: float | None = RESIDENT_MB,
     loss_fn: LossFn = F.cross_entropy,
     progress: bool = False,
 ) -> GradientMatrix:
     """G as column blocks, without ever holding a dense N x p matrix (see the module docstring).
 
     stream=False: one pass, rows written into per-block tensors on the model's device.
-    stream=True: one pass per group of consecutive prunable tensors (at most `stream_cols` columns,
-    or one tensor if larger) into memory-mapped per-tensor files under
-    `store_dir` (a scratch directory next to the system temp files when None; it is unlinked
-    at once and the maps stay valid). The blocks are then CPU views of those maps.
+    stream=True: one pass (or, with `stream_cols`, one per group of consecutive tensors of at most
+    that many columns) writing row chunks into a `BlockStore` under `store_dir` (a scratch
+    directory next to the system temp files when None; it is unlinked at once, the open files
+    stay readable). Rows per vmap call: min(chunk_size, stream_chunk_mb MiB / (4 x columns)).
+    The returned matrix reads its blocks from disk onto the model's device, float32.
     """
     n_rows = inputs.shape[0] // mini_batch
     if indices is None:
         indices = torch.arange(n_rows * mini_batch).view(n_rows, mini_batch)
-    kw = {"mini_batch": mini_batch, "chunk_size": chunk_size, "loss_fn": loss_fn, "progress": progress}
+    kw = {"mini_batch": mini_batch, "loss_fn": loss_fn, "progress": progress}
+    device = next(model.parameters()).device
     if not stream:
-        device = next(model.parameters()).device
         blocks = layout.blocks(block_size)
         owners = _block_owners(layout, blocks)
         single = n_rows <= chunk_size  # one vmap call: its output becomes the storage, no copy
@@ -258,28 +434,30 @@ def compute_gradient_matrix(
                 else:
                     data[b][s:e] = flat[name][:, lo:hi]
 
-        _row_gradients(model, layout, inputs, targets, layout.names, sink, **kw)
+        _row_gradients(model, layout, inputs, targets, layout.names, sink, chunk_size=chunk_size, **kw)
         return GradientMatrix(blocks, data, indices.cpu())
 
+    if stream_chunk_mb is None or not stream_chunk_mb > 0:
+        raise ValueError(f"stream_chunk_mb={stream_chunk_mb} must be a positive number of MiB")
     scratch = store_dir is None
     root = Path(tempfile.mkdtemp(prefix="grads-")) if scratch else Path(store_dir)
-    root.mkdir(parents=True, exist_ok=True)
     try:
-        groups = stream_groups(layout, stream_cols)
+        store = BlockStore.create(root, layout.sizes, n_rows)
+        groups = stream_groups(layout, stream_cols) if stream_cols else [list(range(len(layout.names)))]
+        index = {name: t for t, name in enumerate(layout.names)}
         for gi, group in enumerate(groups):
-            arrays = {layout.names[t]: np.lib.format.open_memmap(root / _tensor_file(t), mode="w+", dtype=np.float32,
-                                                                  shape=(n_rows, layout.sizes[t])) for t in group}
+            names = tuple(layout.names[t] for t in group)
+            cols = sum(layout.sizes[t] for t in group)
+            rows = max(1, min(chunk_size, int(stream_chunk_mb * 2**20) // (4 * max(cols, 1))))
 
-            def sink(s: int, e: int, grads: dict[str, torch.Tensor], arrays: dict = arrays) -> None:
-                for name, arr in arrays.items():
-                    arr[s:e] = grads[name].reshape(e - s, -1).detach().cpu().numpy()
+            def sink(s: int, e: int, grads: dict[str, torch.Tensor], names: tuple[str, ...] = names) -> None:
+                for name in names:
+                    store.write_rows(index[name], s, grads[name].reshape(e - s, -1).detach().float().cpu().numpy())
 
-            _row_gradients(model, layout, inputs, targets, tuple(arrays), sink,
-                           desc=f"gradients pass {gi + 1}/{len(groups)}", **kw)
-            for arr in arrays.values():
-                arr.flush()
-            del arrays
-        return _open_tensor_files(root, layout, block_size, indices.cpu(), mmap=True, device="cpu")
+            desc = "gradients (stream)" if len(groups) == 1 else f"gradients pass {gi + 1}/{len(groups)}"
+            _row_gradients(model, layout, inputs, targets, names, sink, chunk_size=rows, desc=desc, **kw)
+        return GradientMatrix.from_store(store, layout.blocks(block_size), indices.cpu(), device=device,
+                                         max_resident_bytes=None if resident_mb is None else int(resident_mb * 2**20))
     finally:
         if scratch:
             shutil.rmtree(root, ignore_errors=True)
@@ -320,24 +498,22 @@ def _block_owners(layout: ParamLayout, blocks: list[slice]) -> list[tuple[str, i
 
 
 # ---------------------------------------------------------------------------------- disk store
-def _tensor_file(t: int) -> str:
-    return f"tensor{t:04d}.npy"
-
-
 def _open_tensor_files(root: Path, layout: ParamLayout, block_size: int | None, indices: torch.Tensor,
-                       *, mmap: bool, device: torch.device | str, key: str | None = None) -> GradientMatrix:
-    """Blocks of G from per-tensor (N, p_t) files: memory-mapped views, or copies on `device`."""
+                       *, mmap: bool, device: torch.device | str, key: str | None = None,
+                       resident_mb: float | None = RESIDENT_MB) -> GradientMatrix:
+    """Blocks of G from per-tensor (N, p_t) files: backed by the files (mmap=True, read on
+    demand onto `device`), or read once into tensors on `device`."""
     blocks = layout.blocks(block_size)
-    arrays = [np.load(root / _tensor_file(t), mmap_mode="c") for t in range(len(layout.names))]
-    for arr, size, name in zip(arrays, layout.sizes, layout.names):
-        if arr.ndim != 2 or arr.shape[1] != size or arr.shape[0] != arrays[0].shape[0]:
-            raise ValueError(f"stored gradients of {name} have shape {arr.shape}, expected (N, {size})")
-    index = {name: t for t, name in enumerate(layout.names)}
-    data = []
-    for name, lo, hi in _block_owners(layout, blocks):
-        view = torch.from_numpy(arrays[index[name]][:, lo:hi])
-        data.append(view if mmap else view.to(device=device, copy=True).contiguous())
-    return GradientMatrix(blocks, data, indices, key=key, mmap=mmap)
+    store = BlockStore.open(root, layout.sizes)
+    if mmap:
+        return GradientMatrix.from_store(store, blocks, indices, key=key, device=device,
+                                         max_resident_bytes=None if resident_mb is None else int(resident_mb * 2**20))
+    try:
+        data = [torch.from_numpy(store.read(t, lo, hi)).to(device)
+                for t, lo, hi in _owners_by_size(store.sizes, blocks)]
+    finally:
+        store.close()
+    return GradientMatrix(blocks, data, indices, key=key)
 
 
 def save_gradient_matrix(G: GradientMatrix, layout: ParamLayout, path: str | Path,
@@ -352,16 +528,12 @@ def save_gradient_matrix(G: GradientMatrix, layout: ParamLayout, path: str | Pat
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        for t, tsl in enumerate(layout.slices()):
-            arr = np.lib.format.open_memmap(tmp / _tensor_file(t), mode="w+", dtype=np.float32,
-                                            shape=(G.num_rows, tsl.stop - tsl.start))
-            for b, bsl in enumerate(G.blocks):
-                lo, hi = max(tsl.start, bsl.start), min(tsl.stop, bsl.stop)
-                if lo < hi:
-                    arr[:, lo - tsl.start:hi - tsl.start] = (
-                        G.data[b][:, lo - bsl.start:hi - bsl.start].detach().float().cpu().numpy())
-            arr.flush()
-            del arr
+        store = BlockStore.create(tmp, layout.sizes, G.num_rows)
+        try:
+            for t, tsl in enumerate(layout.slices()):
+                store.write_rows(t, 0, G.columns(tsl).detach().float().cpu().contiguous().numpy())
+        finally:
+            store.close()
         np.save(tmp / "indices.npy", G.indices.cpu().numpy())
         info = {"version": CACHE_VERSION, "names": list(layout.names), "shapes": [list(s) for s in layout.shapes],
                 "num_rows": G.num_rows, **dict(meta or {})}
@@ -377,9 +549,10 @@ def save_gradient_matrix(G: GradientMatrix, layout: ParamLayout, path: str | Pat
 
 
 def load_gradient_matrix(path: str | Path, layout: ParamLayout, block_size: int | None = None, *,
-                         mmap: bool = False, device: torch.device | str = "cpu") -> GradientMatrix | None:
+                         mmap: bool = False, device: torch.device | str = "cpu",
+                         resident_mb: float | None = RESIDENT_MB) -> GradientMatrix | None:
     """G from a store written by `save_gradient_matrix`, or None if absent, unreadable or for
-    another layout. mmap=True keeps the blocks as memory maps (stream mode)."""
+    another layout. mmap=True keeps G on disk (stream mode): blocks are read on demand onto `device`."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -388,7 +561,7 @@ def load_gradient_matrix(path: str | Path, layout: ParamLayout, block_size: int 
             return None
         indices = torch.from_numpy(np.load(path / "indices.npy"))
         return _open_tensor_files(path, layout, block_size, indices, mmap=mmap, device=device,
-                                  key=meta.get("key"))
+                                  key=meta.get("key"), resident_mb=resident_mb)
     except (OSError, ValueError, json.JSONDecodeError):
         return None
 
@@ -443,6 +616,15 @@ def _flag(cal: Mapping[str, Any], key: str, default: bool) -> bool:
     return v
 
 
+def _megabytes(cal: Mapping[str, Any], key: str, default: float | None, allow_none: bool) -> float | None:
+    v = cal.get(key, default)
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ConfigError(f"calibration.{key}", v, "a positive number of MiB" + (" or null" if allow_none else ""))
+    return float(v)
+
+
 def build_gradient_matrix(
     model: nn.Module,
     layout: ParamLayout,
@@ -459,8 +641,11 @@ def build_gradient_matrix(
 ) -> GradientMatrix:
     """G for one pruning step, through the disk cache when `calibration.cache` is on.
 
-    `calibration` holds mini_batch, chunk_size, block_size, stream (default false) and cache
-    (default true); `cache_dir` is the cache root (required for caching; stream mode also uses
+    `calibration` holds mini_batch, chunk_size, block_size, stream (default false), cache
+    (default true) and, optionally for stream mode, stream_chunk_mb (MiB of gradient rows per
+    vmap call, default STREAM_CHUNK_MB), stream_cols (null = one pass; an integer = one pass per
+    group of at most that many columns) and resident_mb (largest dense copy of G's columns a
+    solver keeps, default RESIDENT_MB; null = no bound); `cache_dir` is the cache root (required for caching; stream mode also uses
     it for scratch files). Call it inside the noise model's `calibration_weights` context and
     with the noisy calibration inputs, so that the key covers them.
     """
@@ -471,8 +656,15 @@ def build_gradient_matrix(
     stream = _flag(calibration, "stream", False)
     use_cache = _flag(calibration, "cache", True) and cache_dir is not None
     device = next(model.parameters()).device
+    resident_mb = _megabytes(calibration, "resident_mb", RESIDENT_MB, allow_none=True)
+    stream_cols = calibration.get("stream_cols")
+    if stream_cols is not None and (isinstance(stream_cols, bool) or not isinstance(stream_cols, int)
+                                    or stream_cols <= 0):
+        raise ConfigError("calibration.stream_cols", stream_cols, "null (one pass) or a positive integer")
     kw = {"mini_batch": mini_batch, "chunk_size": chunk_size, "block_size": block_size,
-          "loss_fn": loss_fn, "progress": progress}
+          "loss_fn": loss_fn, "progress": progress,
+          "stream_chunk_mb": _megabytes(calibration, "stream_chunk_mb", STREAM_CHUNK_MB, allow_none=False),
+          "stream_cols": stream_cols, "resident_mb": resident_mb}
     if not use_cache:
         scratch = None
         if stream and cache_dir is not None:
@@ -487,7 +679,7 @@ def build_gradient_matrix(
     key = cache_key(model, layout, inputs, targets, indices, mini_batch=mini_batch, seed=seed,
                     loss_fn=loss_fn, extra=key_extra)
     path = Path(cache_dir) / key
-    hit = load_gradient_matrix(path, layout, block_size, mmap=stream, device=device)
+    hit = load_gradient_matrix(path, layout, block_size, mmap=stream, device=device, resident_mb=resident_mb)
     if hit is not None:
         return hit
     meta = {"key": key, "mini_batch": mini_batch, "seed": seed, "extra": key_extra}
@@ -502,8 +694,9 @@ def build_gradient_matrix(
             (tmp / "meta.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
             try:
                 os.rename(tmp, path)
+                G.store.root = path
             except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)  # our maps stay valid after the unlink
+                shutil.rmtree(tmp, ignore_errors=True)  # our open files stay readable after the unlink
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -536,8 +729,8 @@ def apply_row_noise(G: GradientMatrix, noise: Any, gen: torch.Generator,
 
     A model with a block-aware `gradient_matrix(G, gen) -> GradientMatrix` hook gets G as is.
     Otherwise `gradients(rows, gen)` sees dense rows: all N rows at once in memory mode (the same
-    draws as on a dense G); in stream mode (memory-mapped G) chunks of `chunk_rows` rows, written
-    to fresh scratch maps, so the memory bound holds (rows are independent in every row-noise
+    draws as on a dense G); in stream mode (G on disk) chunks of `chunk_rows` rows, written
+    to a fresh scratch store, so the memory bound holds (rows are independent in every row-noise
     model; the draws then differ from the in-memory mode).
     """
     from pruning.noise import NoiseModel
@@ -555,16 +748,13 @@ def apply_row_noise(G: GradientMatrix, noise: Any, gen: torch.Generator,
     step = chunk_rows or max(1, (1 << 24) // max(p, 1))
     root = Path(tempfile.mkdtemp(prefix="grads-noise-"))
     try:
-        arrays = [np.lib.format.open_memmap(root / f"block{b:05d}.npy", mode="w+", dtype=np.float32,
-                                            shape=(n, sl.stop - sl.start)) for b, sl in enumerate(G.blocks)]
+        store = BlockStore.create(root, G.store.sizes, n)
+        starts = np.cumsum((0,) + G.store.sizes)
         for s in range(0, n, step):
-            rows = noise.gradients(G.rows(s, min(s + step, n)).float(), gen).detach().cpu().numpy()
-            for arr, sl in zip(arrays, G.blocks):
-                arr[s:s + rows.shape[0]] = rows[:, sl.start:sl.stop]
-        for arr in arrays:
-            arr.flush()
-        del arrays
-        data = [torch.from_numpy(np.load(root / f"block{b:05d}.npy", mmap_mode="c")) for b in range(len(G.blocks))]
+            rows = noise.gradients(G.rows(s, min(s + step, n)).float(), gen).detach().float().cpu().numpy()
+            for t in range(len(store.sizes)):
+                store.write_rows(t, s, rows[:, starts[t]:starts[t + 1]])
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return replace(G, data=data)
+        shutil.rmtree(root, ignore_errors=True)  # the store keeps its files open
+    return GradientMatrix.from_store(store, G.blocks, G.indices, key=G.key, device=G.device, dtype=G.dtype,
+                                     max_resident_bytes=G.max_resident_bytes)

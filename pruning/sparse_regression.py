@@ -181,28 +181,41 @@ def iter_columns(op: Any, idx: torch.Tensor, chunk: int = 16384) -> Iterator[tup
         raise TypeError(f"{type(op).__name__} gives no access to its columns (needs blocks/data)")
     starts = torch.tensor([sl.start for sl in blocks] + [blocks[-1].stop])
     edges = torch.searchsorted(idx, starts)
+    on_disk = getattr(op, "store", None) is not None  # read only the spanned columns, one chunk at a time
     for b, (sl, gb) in enumerate(zip(blocks, data)):
         lo, hi = int(edges[b]), int(edges[b + 1])
         for s in range(lo, hi, chunk):
             pos = torch.arange(s, min(s + chunk, hi))
+            if on_disk:
+                first, last = int(idx[pos[0]]), int(idx[pos[-1]])
+                span = op.columns(slice(first, last + 1))
+                yield pos, span[:, (idx[pos] - first).to(span.device)]
+                continue
             local = (idx[pos] - sl.start).to(gb.device)
             yield pos, gb[:, local]
 
 
 def gather_columns(op: Any, idx: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense (N, len(idx)) copy of the columns idx (sorted ascending) of G."""
-    parts = [cols.to(dtype) if dtype is not None else cols for _, cols in iter_columns(op, idx)]
-    if not parts:
+    out: torch.Tensor | None = None  # filled chunk by chunk: one copy of the columns, never two
+    for pos, cols in iter_columns(op, idx):
+        if out is None:
+            out = torch.empty(op.num_rows, idx.numel(), dtype=dtype or cols.dtype, device=cols.device)
+        out[:, int(pos[0]):int(pos[-1]) + 1] = cols  # positions come as consecutive ranges
+    if out is None:
         return torch.zeros(op.num_rows, 0, dtype=dtype or operator_dtype(op))
-    return torch.cat(parts, dim=1).contiguous()
+    return out
 
 
 def restrict(op: Any, idx: torch.Tensor, max_fraction: float = 0.5) -> Any:
     """The columns idx of G as an operator: a dense copy when they are at most `max_fraction` of
-    the columns (products then cost O(N |idx|)), else a no-copy view."""
+    the columns (products then cost O(N |idx|)) and the copy fits G's `max_resident_bytes` (a G
+    streamed from disk), else a no-copy view."""
     if idx.numel() == op.num_cols:
         return op
-    if idx.numel() <= max_fraction * op.num_cols:
+    budget = getattr(op, "max_resident_bytes", None)
+    nbytes = op.num_rows * idx.numel() * operator_dtype(op).itemsize
+    if idx.numel() <= max_fraction * op.num_cols and (budget is None or nbytes <= budget):
         return DenseOperator(gather_columns(op, idx))
     return ColumnView(op, idx)
 

@@ -175,9 +175,11 @@ class BlockInverse:
 # ------------------------------------------------------------------------------------ pruning
 def masked_block(G: GradientMatrix, sl: slice, mask: torch.Tensor, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
-    """Columns `sl` of G in `dtype` on `device`, with the columns of pruned weights zeroed."""
-    Gb = G.columns(sl).to(device=device, dtype=dtype)
-    return Gb * mask[sl].to(device=device, dtype=dtype)
+    """Columns `sl` of G in `dtype` on `device`, with the columns of pruned weights zeroed (one
+    copy of the block: a G on disk hands out fresh reads, masked in place)."""
+    fresh = getattr(G, "store", None) is not None
+    Gb = G.columns(sl).to(device=device, dtype=dtype, copy=not fresh)
+    return Gb.mul_(mask[sl].to(device=device, dtype=dtype))
 
 
 def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
