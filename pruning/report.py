@@ -207,8 +207,10 @@ def dense_metric(metric: str) -> str | None:
 
 
 def _completed(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    if df.empty and metric not in df.columns:
-        df = df.assign(**{metric: pd.Series(dtype=float)})
+    no_completed = df.empty or "status" not in df.columns or not (df["status"] == "completed").any()
+    if no_completed and metric not in df.columns:
+        # nothing finished (e.g. every run failed): empty tables, the failed list still matters
+        df = df.assign(**{metric: pd.Series(dtype=float, index=df.index)})
     if metric not in df.columns:
         raise KeyError(f"metric {metric!r} is not in the run records; available: "
                        f"{', '.join(c for c in df.columns if c not in _FRONT + _BACK)}")

@@ -300,7 +300,7 @@ class Job:
         grads = self.gradient_matrix(stage) if getattr(module, "NEEDS_GRADIENTS", False) else None
         problem = PruningProblem(layout=self.layout, w=w, w_bar=w_bar, mask=self.mask.clone(), grads=grads,
                                  generator=generator(int(self.cfg.seed), f"method/{stage}"), stage=stage,
-                                 num_stages=num_stages)
+                                 num_stages=num_stages, progress=self.progress)
         result = module.prune(problem, sparsity, mcfg)
         set_flat(self.model, self.layout, result.w * result.mask)
         self.mask = result.mask.to(self.device)

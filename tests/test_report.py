@@ -328,3 +328,17 @@ def test_multirun_writes_report_via_callback(tmp_path, session_cache):
     assert "# Sweep report: e2e" in md and "| 0.8 |" in md and "(n=2)" in md
     assert (sweep / "report" / "acc_vs_sparsity.png").stat().st_size > 0
     assert len(pd.read_csv(sweep / "report" / "results.csv")) == 4
+
+
+def test_sweep_where_every_run_failed_still_reports_the_failures(tmp_path):
+    """No completed run means no metric columns at all: the report must still list the failures."""
+    sweep_dir = tmp_path / "sweeps" / "synth"
+    synthetic_multirun(sweep_dir)
+    for method in ("magnitude", "swap"):
+        job, rec = synthetic_record(method, 0.5, 1, 0)
+        rec.update(status="failed", metrics={}, error="ValueError: boom")
+        atomic_write_json(sweep_dir / run_dirname(job) / "seed=0" / "result.json", rec)
+    report = report_sweep(sweep_dir, plots=False)
+    assert report.status.counts()["failed"] == 2 and report.summary.empty
+    missing = (sweep_dir / "report" / "missing.txt").read_text()
+    assert missing.count("# failed") == 2

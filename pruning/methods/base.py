@@ -27,6 +27,7 @@ class PruningProblem:
     generator: torch.Generator | None = None
     stage: int = 1
     num_stages: int = 1
+    progress: bool = True                # show progress bars on long loops
 
 
 @dataclass

@@ -195,7 +195,7 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
     d = torch.empty_like(w)
     factors: list[torch.Tensor | None] = []
     kept = 0
-    for sl in tqdm(blocks, desc="woodfisher inverse", leave=False, disable=len(blocks) < 4):
+    for sl in tqdm(blocks, desc="woodfisher inverse", leave=False, disable=not problem.progress or len(blocks) < 4):
         inv = BlockInverse(masked_block(G, sl, mask0, device, dtype), cfg.damp, cfg.inverse, dtype)
         d[sl] = inv.diag()
         f = inv.factor()
