@@ -123,6 +123,7 @@ def stage(method: str, model: torch.nn.Module, layout: Any, x: torch.Tensor, y: 
 
 def run_model(model_name: str, n: int, sparsity: float, repeats: int, chunk: int) -> dict[str, Any]:
     model, layout, x, y, note = setup(model_name, n)
+    compute_gradient_matrix(model, layout, x[:chunk], y[:chunk], mini_batch=1, chunk_size=chunk)  # warm-up
     best: dict[str, dict[str, Any]] = {}
     for _ in range(repeats):
         for method in ("lr", "swap"):

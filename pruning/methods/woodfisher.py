@@ -144,10 +144,13 @@ class BlockInverse:
     def factor(self) -> torch.Tensor:
         return self.L if self.method == "woodbury" else self.Finv
 
-    def diag(self, chunk: int = 4096) -> torch.Tensor:
-        """diag(F^-1) = (1 - ||L^-1 g_q||^2) / damp on the Woodbury path."""
+    def diag(self, chunk: int | None = None) -> torch.Tensor:
+        """diag(F^-1) = (1 - ||L^-1 g_q||^2) / damp on the Woodbury path, `chunk` columns per
+        triangular solve (default: 2^24 / N, so each solve's N x chunk result stays near 128 MiB
+        in float64 while small N still gets few, large calls)."""
         if self.method != "woodbury":
             return self.Finv.diagonal().clone()
+        chunk = chunk or max(4096, (1 << 24) // max(self.N, 1))
         out = torch.empty(self.B, dtype=self.G.dtype, device=self.G.device)
         for s in range(0, self.B, chunk):
             Z = torch.linalg.solve_triangular(self.L, self.G[:, s:s + chunk], upper=False)
