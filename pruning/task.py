@@ -86,6 +86,16 @@ def _index(cfg: DictConfig, noise: noise_mod.NoiseModel) -> dict[str, Any]:
     }
 
 
+def method_params(cfg: DictConfig) -> dict[str, Any]:
+    """The method's settings: its config group, then `method_args.<name>` on top (settings that apply
+    only when that method runs, so a study can sweep `method` and still tune one method)."""
+    params = dict(OmegaConf.to_container(cfg.method, resolve=True))
+    extra = (cfg.get("method_args") or {}).get(cfg.method.name)
+    if extra:
+        params.update(OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else extra)
+    return params
+
+
 def _cfg_hash(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -294,7 +304,7 @@ class Job:
 
     def prune_step(self, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor) -> PruneResult:
         name = self.cfg.method.name
-        mcfg = methods.make_config(name, self.cfg.method)
+        mcfg = methods.make_config(name, method_params(self.cfg))
         module = methods.get(name)
         w = get_flat(self.model, self.layout)
         grads = self.gradient_matrix(stage) if getattr(module, "NEEDS_GRADIENTS", False) else None
@@ -391,7 +401,7 @@ class Job:
 
     def run_train_time_method(self, target: float) -> None:
         name = self.cfg.method.name
-        mcfg = methods.make_config(name, self.cfg.method)
+        mcfg = methods.make_config(name, method_params(self.cfg))
         ctx = TrainContext(model=self.model, layout=self.layout, data=self.data, device=self.device,
                            sparsity=target, generator=generator(int(self.cfg.seed), "method/1"),
                            noise=self.noise, progress=self.progress, log=self.log, evaluate=self.eval_now)

@@ -54,3 +54,15 @@ def test_group_precheck_names_key_value_and_options():
     assert msg is not None and "method='foo'" in msg and "magnitude" in msg
     assert check_group_overrides(["method=magnitude", "sparsity=0.5", "-m"]) is None
     assert check_group_overrides(["method=glob(*)"]) is None
+
+
+def test_method_args_apply_only_to_their_method():
+    from pruning.methods import make_config
+    from pruning.task import method_params
+
+    swap = compose_config(["method=swap", "+method_args.swap.epsilon=0.001", "+method_args.cbs.damp=0.5"])
+    params = method_params(swap)
+    assert params["epsilon"] == 0.001 and "damp" not in params
+    assert make_config("swap", params).epsilon == 0.001
+    mag = compose_config(["method=magnitude", "+method_args.swap.epsilon=0.001"])
+    assert method_params(mag) == {"name": "magnitude", "scope": "global"}
