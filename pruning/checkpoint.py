@@ -29,13 +29,14 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from pruning.record import atomic_write
 
 STATE_VERSION = 1
 CKPT_DIR = "ckpt"
@@ -96,19 +97,8 @@ def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save, atomically (temp file, fsync, rename)."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 class StageCheckpoint:

@@ -200,8 +200,7 @@ def train_loop(ctx: Any, opt: torch.optim.Optimizer, *, epochs: float, batch_siz
     """
     from tqdm.auto import tqdm
 
-    from pruning.layout import apply_mask
-    from pruning.train import make_loader
+    from pruning.train import make_loader, masked_step
 
     model = ctx.model
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=gens["method"]).item())
@@ -225,13 +224,7 @@ def train_loop(ctx: Any, opt: torch.optim.Optimizer, *, epochs: float, batch_siz
                 break
             x, y = x.to(ctx.device), y.to(ctx.device)
             loss, out = noisy_backward(model, x, y, ctx.noise, ctx.layout, mask, gens if noise_hooks else None)
-            if masks is not None:
-                for p, m in zip(params, masks):
-                    if p.grad is not None:
-                        p.grad.mul_(m)
-            opt.step()
-            if masks is not None:
-                apply_mask(model, ctx.layout, mask)
+            masked_step(opt, model, ctx.layout, mask, params, masks)
             loss_sum += float(loss) * y.numel()
             correct += int((out.argmax(1) == y).sum())
             n += y.numel()

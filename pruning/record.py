@@ -24,10 +24,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 SCHEMA_VERSION = 1
 INDEX_KEYS = ("model", "dataset", "method", "schedule", "noise", "noise_level", "sparsity", "seed", "sweep")
@@ -47,15 +47,15 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync it, then rename over `path`."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+    """Call `write(f)` on a temp file in the same directory, fsync it, then rename it over `path`,
+    so a reader (or a requeued job) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(data), f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,6 +63,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (see `atomic_write`)."""
+
+    def write(f: IO[Any]) -> None:
+        json.dump(_jsonable(data), f, indent=2, sort_keys=False)
+        f.write("\n")
+
+    atomic_write(path, write)
 
 
 def read_json(path: str | os.PathLike) -> dict | None:

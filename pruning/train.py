@@ -107,6 +107,20 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
     return {"acc": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
 
 
+def masked_step(opt: torch.optim.Optimizer, model: nn.Module, layout: ParamLayout | None,
+                mask: torch.Tensor | None, params: list[nn.Parameter] | None,
+                masks: list[torch.Tensor] | None) -> None:
+    """opt.step() that keeps pruned weights at exactly zero: their gradients are zeroed first (so
+    momentum cannot regrow them) and the mask is re-applied after the step. No mask: a plain step."""
+    if masks is not None:
+        for p, m in zip(params, masks):
+            if p.grad is not None:
+                p.grad.mul_(m)
+    opt.step()
+    if masks is not None:
+        apply_mask(model, layout, mask)
+
+
 def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, device: torch.device,
                 layout: ParamLayout | None = None, mask: torch.Tensor | None = None,
                 step_hook: Callable[[], None] | None = None, desc: str = "train",
@@ -122,13 +136,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer
         out = model(x)
         loss = F.cross_entropy(out, y)
         loss.backward()
-        if masks is not None:
-            for p, m in zip(params, masks):
-                if p.grad is not None:
-                    p.grad.mul_(m)
-        opt.step()
-        if masks is not None:
-            apply_mask(model, layout, mask)
+        masked_step(opt, model, layout, mask, params, masks)
         if step_hook is not None:
             step_hook()
         loss_sum += loss.item() * y.numel()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -18,6 +19,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One intra-op thread for the whole suite: it runs many tiny models on a small CPU, where idle
+# OpenMP threads only add contention (measured several times faster on 2 shared cores).
+# Subprocesses (launch.py, Slurm jobs) inherit OMP_NUM_THREADS.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def compose_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR,

@@ -18,15 +18,6 @@ from pruning.methods.base import PruningProblem
 from pruning.methods.cbs import Config, SwapObjective, cbs_update, local_search, objective, prune, rmp_keep
 from pruning.task import run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 LAYOUT = ParamLayout(("a", "b", "c"), ((5, 6), (24,), (2, 7)))
 
 

@@ -4,20 +4,10 @@ smaller models (pruning/structured.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from pruning import flops, structured
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and fair on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_net() -> nn.Sequential:

@@ -24,15 +24,6 @@ from pruning.task import run
 FAST_DENSE = ("model.train.epochs=5",)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and fair on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------ planted
 def planted(seed: int = 0) -> tuple[nn.Sequential, list[int], torch.Tensor]:
     """Hidden units: 3 useful types (unit j reads input j, output weight a_j), 3 copies each, and

@@ -20,15 +20,6 @@ from pruning.task import run
 FAST_DENSE = ("model.train.epochs=5",)  # a quickly trained dense MLP (shared by this file's runs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and fair on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def net() -> nn.Sequential:
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))

@@ -49,15 +49,6 @@ ZOO = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a small shared CPU, idle OpenMP threads spin and slow convs ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_zoo_covers_registry_and_conf():
     assert set(ZOO) | {"mlp"} == set(available()) == set(group_options("model"))
 

@@ -18,14 +18,6 @@ from pruning.task import Job, run
 CASES = [("fgsm", "linf", 8 / 255), ("pgd", "linf", 8 / 255), ("fgsm", "l2", 0.5), ("pgd", "l2", 0.5)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -32,14 +32,6 @@ from pruning.task import Job, run
 N_DEV = 200_000  # devices per statistical check: relative error of a std ~ 1/sqrt(2n) = 0.16 %
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

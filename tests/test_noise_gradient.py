@@ -17,15 +17,6 @@ from pruning.noise.gradient import add_gradient_noise, snr_db
 from pruning.task import Job
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores shared by many processes: one intra-op thread is several times faster here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -38,14 +38,6 @@ EXPECTED_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _method_overrides(method: str) -> list[str]:
     conf = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
     return [f"method.{k}={v}" for k, v in TINY_METHOD.items() if k in conf]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,15 +16,6 @@ from pruning.optim import GRDA
 from pruning.task import run
 
 FAST_DENSE = ("model.train.epochs=5",)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and fair on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_group_threshold_matches_formula():

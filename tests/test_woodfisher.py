@@ -19,14 +19,6 @@ from pruning.methods.woodfisher import BlockInverse, Config, fisher_inverse_rank
 from pruning.task import run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rand_G(n: int, b: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # correlated columns with uneven scales, like real gradients

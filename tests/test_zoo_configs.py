@@ -21,15 +21,6 @@ from pruning.train import TrainConfig, make_scheduler, train_config
 REAL_DATASETS = ("mnist", "cifar10", "cifar100", "imagenet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a small shared CPU, idle OpenMP threads spin and slow convs ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", group_options("model"))
 def test_model_option_composes_with_a_valid_recipe(name):
     dataset = {"mlp": "digits", "mlpnet": "mnist", "mobilenetv1": "imagenet", "mobilenetv2": "imagenet",
