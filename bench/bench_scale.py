@@ -151,7 +151,11 @@ def main() -> None:
     print("assumptions: fp32 G on disk and in the page cache (not resident), read one block at a time;\n"
           "  on a GPU each block is cast and moved to the device as it is read (device memory: one block,\n"
           "  the method's p-vectors and N x N matrices; calibration.resident_mb bounds lr/swap active-set\n"
-          "  copies); the CPU slope above is that working set; the vmap pass is bounded by stream_chunk_mb.")
+          "  copies); the CPU slope above is that working set; the vmap pass is bounded by stream_chunk_mb.\n"
+          "reading the fits: G's build holds min(N, rows cap) rows per vmap call (10 for ResNet-50 at 1 GiB),\n"
+          "  so it is flat once N passes the cap and its line overstates N = 1000; woodfisher grows by\n"
+          "  12 B_max bytes a row (its largest block in float32 + float64); lr / swap by the active-set copy,\n"
+          "  4 x 1.5 k bytes a row, which calibration.resident_mb caps (beyond it the set is streamed).")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -24,7 +24,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NON_RESULT_KEYS = (
     "seed", "sweep_name", "cluster", "resources", "logger", "resume", "fail_fast", "device",
     "progress", "paths", "hydra", "tags", "deterministic", "eval.batch_size", "calibration.chunk_size",
-    "calibration.cache", "calibration.stream", "local", "site",
+    "calibration.cache", "calibration.stream", "calibration.stream_chunk_mb", "calibration.stream_cols",
+    "calibration.resident_mb", "local", "site",
 )
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
