@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pruning.config import NON_RESULT_KEYS
 from pruning.record import atomic_write
 
 STATE_VERSION = 1
@@ -43,9 +44,10 @@ CKPT_DIR = "ckpt"
 STATE_FILE = "state.pt"
 # config sections that decide the result (the fingerprint of a saved state); calibration keys that
 # only trade speed for memory are left out
-_RESULT_KEYS = ("task", "model", "dataset", "method", "schedule", "noise", "finetune", "sparsity", "seed",
-                "calibration")
-_NON_RESULT_CALIBRATION = ("chunk_size", "cache", "stream")
+_RESULT_KEYS = ("task", "model", "dataset", "method", "method_args", "schedule", "noise", "finetune", "sparsity",
+                "seed", "calibration")
+# the same rule as run directories: calibration keys listed in NON_RESULT_KEYS do not change results
+_NON_RESULT_CALIBRATION = tuple(k.split(".", 1)[1] for k in NON_RESULT_KEYS if k.startswith("calibration."))
 
 
 class _Stateful(Protocol):
