@@ -29,7 +29,6 @@ import argparse
 import gc
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,48 +37,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from benchlib import RESNET20_CHECKPOINT, PeakRSS  # sibling module of this script
 from torch import nn
 
 from pruning.gradients import compute_gradient_matrix
 from pruning.layout import ParamLayout, get_params, make_layout
 from pruning.methods.woodfisher import BlockInverse, fisher_inverse_rank1
 
-CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "resnet20-cifar10-12fca82f.th"
-
-
-def rss() -> int:
-    """Anonymous resident memory (RssAnon): process memory proper; file-backed pages of the stream
-    mode's memory maps live in the (reclaimable) page cache and are not counted."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRSS:
-    """Largest growth of the resident set over its value at entry, sampled every 2 ms."""
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.base = self.peak = rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2**20
+CHECKPOINT = RESNET20_CHECKPOINT
 
 
 @dataclass

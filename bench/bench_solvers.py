@@ -23,13 +23,11 @@ stage at most 1.3x an lr stage on ResNet-20.
 from __future__ import annotations
 
 import argparse
-import gc
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import RESNET20_CHECKPOINT, ROOT, PeakRSS  # sibling module of this script
 
 from pruning import methods
 from pruning.data import build_dataset
@@ -39,41 +37,7 @@ from pruning.methods.base import PruningProblem
 from pruning.models import available as available_models
 from pruning.models import build_model, load_weights
 
-ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT.parent / "shared" / "data" / "resnet20-cifar10-12fca82f.th"
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRSS:
-    """Largest growth of RssAnon over its value at entry, sampled every 2 ms."""
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.base = self.peak = rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2**20
+CHECKPOINT = RESNET20_CHECKPOINT
 
 
 def setup(model_name: str, n: int) -> tuple[torch.nn.Module, Any, torch.Tensor, torch.Tensor, str]:
