@@ -96,6 +96,10 @@ def method_params(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
+# dataset keys that cannot change the dense model (its recipe is model.train)
+_DATA_KEYS_NOT_IN_DENSE = ("download", "verify_checksums", "batch_size")
+
+
 def _cfg_hash(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -228,7 +232,10 @@ class Job:
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         model_cfg.pop("checkpoint", None)
         model_cfg.pop("prunable", None)
-        key = _cfg_hash(model_cfg, OmegaConf.to_container(cfg.dataset, resolve=True))
+        data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+        for k in _DATA_KEYS_NOT_IN_DENSE:  # how files are fetched or checked, and the fine-tuning batch
+            data_cfg.pop(k, None)
+        key = _cfg_hash(model_cfg, data_cfg)
         return Path(cfg.paths.cache_dir) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{key}.pt"
 
     def train_dense(self, model: Classifier) -> None:

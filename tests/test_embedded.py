@@ -37,3 +37,12 @@ def test_relaunch_skips_completed(make_cfg, tmp_path, capsys):
     run(cfg, tmp_path / "run")
     assert "skip" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == first
+
+
+def test_dense_cache_ignores_keys_that_cannot_change_the_dense_model(make_cfg, tmp_path):
+    from pruning.task import Job
+
+    path = Job(make_cfg(), tmp_path / "a").dense_cache_path()
+    assert Job(make_cfg("dataset.batch_size=32"), tmp_path / "b").dense_cache_path() == path
+    assert Job(make_cfg("model.train.epochs=3"), tmp_path / "c").dense_cache_path() != path
+    assert Job(make_cfg("dataset.test_fraction=0.3"), tmp_path / "d").dense_cache_path() != path
