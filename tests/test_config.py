@@ -17,8 +17,9 @@ def test_required_groups_exist():
     for schedule in ("oneshot", "multistage", "gradual"):
         assert (CONF_DIR / "schedule" / f"{schedule}.yaml").is_file()
     for logger in ("local", "wandb"):
-        if not (CONF_DIR / "logger" / f"{logger}.yaml").is_file():
-            pytest.skip(f"logger={logger} not added yet")
+        assert (CONF_DIR / "logger" / f"{logger}.yaml").is_file()
+    for cluster in ("local", "submitit_local", "slurm"):
+        assert (CONF_DIR / "cluster" / f"{cluster}.yaml").is_file()
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
