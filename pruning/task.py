@@ -390,11 +390,16 @@ class Job:
             raise ConfigError("schedule", {"start": start, "freq": freq, "end": end, "epochs": epochs},
                               "freq > 0, start <= end < epochs", "is inconsistent")
         prune_epochs = list(range(start, end + 1, freq))
-        tc = TrainConfig(epochs=1, batch_size=int(self.cfg.dataset.get("batch_size", 64)), lr=float(sched.lr),
-                         momentum=float(sched.momentum), weight_decay=float(sched.weight_decay))
+        tc = train_config({"epochs": epochs, "batch_size": int(self.cfg.dataset.get("batch_size", 64)),
+                           "lr": float(sched.lr), "momentum": float(sched.momentum),
+                           "weight_decay": float(sched.weight_decay),
+                           "lr_schedule": str(sched.get("lr_schedule", "none")),
+                           "milestones": tuple(int(m) for m in sched.get("milestones", ())),
+                           "gamma": float(sched.get("gamma", 0.1))}, "schedule")
         opt = make_optimizer(self.model, tc)
+        lr_sched = make_scheduler(opt, tc)  # per epoch; saved with the optimizer at each boundary
         loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), "gradual-order"))
-        for epoch in range(self.ckpt.resume_loop("gradual", loader, opt), epochs):
+        for epoch in range(self.ckpt.resume_loop("gradual", loader, opt, lr_sched), epochs):
             if epoch in prune_epochs:
                 s_t = cubic_sparsity(epoch, prune_epochs[0], prune_epochs[-1], float(sched.initial_sparsity), target)
                 t0 = time.perf_counter()
@@ -403,8 +408,10 @@ class Job:
                                   epoch=epoch)
             stats = train_epoch(self.model, loader, opt, self.device, self.layout, self.mask,
                                 desc=f"gradual epoch {epoch + 1}", progress=self.progress)
-            self.log({"phase": "gradual", "epoch": epoch + 1, **stats, **self.eval_now()})
-            self.ckpt.save(self, f"gradual/{epoch + 1}", loader, opt)
+            self.log({"phase": "gradual", "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats,
+                      **self.eval_now()})
+            lr_sched.step()
+            self.ckpt.save(self, f"gradual/{epoch + 1}", loader, opt, lr_sched)
 
     def run_train_time_method(self, target: float) -> None:
         name = self.cfg.method.name

@@ -194,8 +194,9 @@ def test_resumed_pruning_step_reads_g_from_the_cache(make_cfg: Callable[..., Any
     the G of that step from the gradient cache (calibration.cache) instead of recomputing it."""
     from pruning import gradients, methods
 
-    # stage 2's G (at the weights after stage 1) is computed by no other test: no earlier cache hit
-    cfg = make_cfg("method=woodfisher", "schedule=multistage", "schedule.stages=2", "deterministic=true")
+    # a cache of its own: another test may already have cached this very G in the session cache
+    cfg = make_cfg("method=woodfisher", "schedule=multistage", "schedule.stages=2", "deterministic=true",
+                   f"paths.cache_dir={tmp_path / 'cache'}")
     module = methods.get("woodfisher")
     prune, compute = module.prune, gradients.compute_gradient_matrix
     calls: list[int] = []

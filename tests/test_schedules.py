@@ -116,3 +116,16 @@ def test_gradual_with_regression_methods(make_cfg, tmp_path, method, extra):
         assert "objective" in s and "acc" in s
     assert rec["metrics"]["sparsity_prunable"] == pytest.approx(0.8, abs=1e-4)
     assert rec["metrics"]["final_acc"] > 0.5
+
+
+def test_gradual_lr_decays_at_its_milestones(make_cfg, tmp_path):
+    """WoodFisher's ResNet-50 recipe decays the lr during gradual pruning (x gamma at milestones)."""
+    import json
+
+    cfg = make_cfg("schedule=gradual", "schedule.epochs=5", "schedule.start=0", "schedule.end=2",
+                   "schedule.freq=1", "schedule.lr=0.01", "schedule.lr_schedule=step",
+                   "schedule.milestones=[2,4]", "schedule.gamma=0.5", "sparsity=0.5")
+    run(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r.get("phase") == "gradual"]
+    assert lrs == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025])
