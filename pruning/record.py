@@ -194,8 +194,8 @@ class RunRecord:
         self.data["metrics"].update(metrics)
 
     def add_stage(self, stage: Mapping[str, Any]) -> None:
+        """Record a pruning stage in result.json (the task also streams it as a metrics row)."""
         self.data["stages"].append(dict(stage))
-        self.log_step({"phase": "prune", **stage})
 
     def set_timing(self, name: str, seconds: float) -> None:
         self.data["timings"][name] = round(float(seconds), 4)

@@ -333,15 +333,8 @@ class Job:
         if result is not None:
             row.update({k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool))})
         self.record.add_stage(row)
-        self.tracker_log_stage(row)
+        self.log({"phase": "prune", **row})
         self.say(f"  stage {stage}: target {target:.4f} achieved {row['sparsity']:.4f} acc {ev['acc']:.4f}")
-
-    def tracker_log_stage(self, row: dict[str, Any]) -> None:
-        self.step += 1
-        try:
-            self.tracker.log({"phase": "prune", **row}, self.step)
-        except Exception as exc:
-            print(f"warning: tracker.log failed: {exc}", file=sys.stderr)
 
     def prune(self) -> None:
         cfg = self.cfg
