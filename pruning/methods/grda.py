@@ -73,7 +73,9 @@ def validate_common(cfg: Any, prefix: str = "method") -> None:
 
 
 @dataclass(frozen=True)
-class Config:
+class DualAveragingSettings:
+    """The gRDA settings shared by grda and sdprun (sdprun is gRDA with a group threshold)."""
+
     lr: float = 0.1
     c: float = 0.005
     mu: float = 0.55
@@ -81,9 +83,13 @@ class Config:
     batch_size: int = 64
     lr_milestones: Any = ()      # epochs at which lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
-    scope: str = "all"           # all (reference: every parameter) | prunable
     init: str = "pretrained"     # pretrained (continue from the dense model) | scratch
     noise_hooks: bool = True     # apply the run's noise hooks to every training step
+
+
+@dataclass(frozen=True)
+class Config(DualAveragingSettings):
+    scope: str = "all"           # all (reference: every parameter) | prunable
 
     def validate(self) -> None:
         validate_common(self)

@@ -43,7 +43,7 @@ from pruning import structured
 from pruning.errors import ConfigError
 from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
-from pruning.methods.grda import example_input, reinit, validate_common
+from pruning.methods.grda import DualAveragingSettings, example_input, reinit, validate_common
 from pruning.optim import GRDA, stream_generators, train_loop
 
 KIND = "train"
@@ -51,19 +51,10 @@ NEEDS_GRADIENTS = False
 
 
 @dataclass(frozen=True)
-class Config:
-    lr: float = 0.1
-    c: float = 0.005
-    mu: float = 0.55
-    epochs: float = 10
-    batch_size: int = 64
-    lr_milestones: Any = ()
-    lr_gamma: float = 0.1
-    init: str = "pretrained"         # pretrained | scratch
+class Config(DualAveragingSettings):
     rest: str = "none"               # params outside channel groups: none (SGD step) | l1 (gRDA threshold)
     group_weight: str = "sqrt_size"  # sqrt_size (sqrt(|G|)) | one
     shrink: bool = True              # physically remove the dead channels
-    noise_hooks: bool = True
 
     def validate(self) -> None:
         validate_common(self)
