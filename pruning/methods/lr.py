@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pruning.errors import ConfigError
 from pruning.layout import num_kept
 from pruning.methods.base import PruneResult, PruningProblem
@@ -56,14 +58,20 @@ def solve_info(res: SolveResult, k: int, algorithm: str, seconds: float) -> dict
     return info
 
 
-def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
+def regression_problem(problem: PruningProblem, sparsity: float, cfg: SolverConfig,
+                       method: str) -> tuple[Any, int, torch.Tensor, torch.Tensor]:
+    """What lr and swap both regress on: G (cast to the solver's precision), k, w_bar and y = G w_bar."""
     if problem.grads is None:
-        raise ConfigError("method", "lr", "a run that computes the gradient matrix", "needs problem.grads")
-    t0 = time.perf_counter()
+        raise ConfigError("method", method, "a run that computes the gradient matrix", "needs problem.grads")
     op = cast_operator(problem.grads, cfg.compute_dtype(problem.grads))
     k = num_kept(op.num_cols, sparsity)
     w_bar = problem.w_bar.to(problem.w.device, problem.w.dtype)
-    y = op.matvec(w_bar)
+    return op, k, w_bar, op.matvec(w_bar)
+
+
+def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
+    t0 = time.perf_counter()
+    op, k, w_bar, y = regression_problem(problem, sparsity, cfg, "lr")
     res = solve(op, y, w_bar, problem.w, k, IdentityPlan(op.num_rows), cfg, direction="gradient")
     info = solve_info(res, k, cfg.algorithm, time.perf_counter() - t0)
     return PruneResult(w=res.w, mask=res.mask, info=info)

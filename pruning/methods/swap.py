@@ -56,9 +56,8 @@ import numpy as np
 import torch
 
 from pruning.errors import ConfigError
-from pruning.layout import num_kept
 from pruning.methods.base import PruneResult, PruningProblem
-from pruning.methods.lr import solve_info
+from pruning.methods.lr import regression_problem, solve_info
 from pruning.sparse_regression import (
     DIRECTIONS,
     DensePlan,
@@ -67,7 +66,6 @@ from pruning.sparse_regression import (
     Plan,
     SolverConfig,
     UniformPlan,
-    cast_operator,
     solve,
 )
 
@@ -200,13 +198,8 @@ def transport_plan(y: torch.Tensor, yhat: torch.Tensor, cfg: Config) -> tuple[Pl
 
 # ----------------------------------------------------------------------------------------- prune
 def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
-    if problem.grads is None:
-        raise ConfigError("method", "swap", "a run that computes the gradient matrix", "needs problem.grads")
     t0 = time.perf_counter()
-    op = cast_operator(problem.grads, cfg.compute_dtype(problem.grads))
-    k = num_kept(op.num_cols, sparsity)
-    w_bar = problem.w_bar.to(problem.w.device, problem.w.dtype)
-    y = op.matvec(w_bar)
+    op, k, w_bar, y = regression_problem(problem, sparsity, cfg, "swap")
     yhat = op.matvec(problem.w)
     plan, plan_info = transport_plan(y, yhat, cfg)
     t_plan = time.perf_counter() - t0
