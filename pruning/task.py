@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from pruning import config as config_mod
 from pruning import methods
 from pruning import noise as noise_mod
-from pruning.checkpoint import StageCheckpoint
+from pruning.checkpoint import StageCheckpoint, atomic_torch_save
 from pruning.data import DataBundle, build_dataset
 from pruning.errors import ConfigError
 from pruning.gradients import GradientMatrix, apply_row_noise, build_gradient_matrix, noise_cache_key
@@ -166,12 +166,13 @@ class Job:
         self.record.data["index"] = _index(cfg, self.noise)
         self.record.data["noise"] = self.noise.record()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / "config.resolved.json", OmegaConf.to_container(cfg, resolve=True))
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        atomic_write_json(self.run_dir / "config.resolved.json", resolved)
         self.ckpt.begin(self)  # resume from ckpt/state.pt, or start over (clears metrics.jsonl)
         self.record.start()
         self.tracker = build_tracker(cfg.logger)
         try:
-            self.tracker.start(self.record, OmegaConf.to_container(cfg, resolve=True))
+            self.tracker.start(self.record, resolved)
         except Exception as exc:
             print(f"warning: tracker.start failed: {exc}", file=sys.stderr)
         t_all = time.perf_counter()
@@ -262,10 +263,7 @@ class Job:
             stats = train_epoch(model, loader, opt, self.device, progress=False)
             sched.step()
             self.log({"phase": "dense_train", "epoch": epoch + 1, "lr": lr, **stats})
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{id(self)}")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(cache)
+        atomic_torch_save(model.state_dict(), cache)  # concurrent jobs may train the same recipe
         self.say(f"dense model cached at {cache}")
 
     def save_dense_checkpoint(self) -> None:
@@ -273,7 +271,7 @@ class Job:
         with self.stage("dense_eval"):
             dense = self.eval_now()
         path = self.run_dir / "checkpoint.pt"
-        torch.save(self.model.state_dict(), path)
+        atomic_torch_save(self.model.state_dict(), path)
         self.record.update_metrics(dense_acc=dense["acc"], dense_loss=dense["loss"], checkpoint=str(path))
         self.say(f"dense checkpoint: {path} (test acc {dense['acc']:.4f}); prune it with \"model.checkpoint='{path}'\"")
 
@@ -498,17 +496,12 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> 
             job.record.fail(str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}")
             if not isinstance(exc, ConfigError):
                 (job.run_dir / "error.txt").write_text(traceback.format_exc())
+        raise
+    finally:  # the tracker is always finished, on success and on failure
         try:
             job.tracker.finish(job.record)
-        except Exception:
-            pass
-        raise
-    finally:
-        if job.record.status == "completed":
-            try:
-                job.tracker.finish(job.record)
-            except Exception as exc:
-                print(f"warning: tracker.finish failed: {exc}", file=sys.stderr)
+        except Exception as exc:
+            print(f"warning: tracker.finish failed: {exc}", file=sys.stderr)
 
 
 def main(cfg: DictConfig) -> float | None:
