@@ -312,7 +312,7 @@ class Job:
         mcfg = methods.make_config(name, method_params(self.cfg))
         module = methods.get(name)
         w = get_flat(self.model, self.layout)
-        grads = self.gradient_matrix(stage) if getattr(module, "NEEDS_GRADIENTS", False) else None
+        grads = self.gradient_matrix(stage) if methods.needs_gradients(name) else None
         problem = PruningProblem(layout=self.layout, w=w, w_bar=w_bar, mask=self.mask.clone(), grads=grads,
                                  generator=generator(int(self.cfg.seed), f"method/{stage}"), stage=stage,
                                  num_stages=num_stages, progress=self.progress)
