@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
-from pruning.record import atomic_write_json, read_json
+from pruning.record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +61,12 @@ def mark_unfinished(run_dir: Path, reason: str, details: str = "") -> str:
 
     Returns the run's status afterwards: 'failed', 'completed' (the run finished; only the
     scheduler's bookkeeping failed) or 'missing' (the job never started the run)."""
-    path = run_dir / "result.json"
-    data = read_json(path)
-    if data is None:
+    record = RunRecord.load(run_dir)
+    if record is None:
         return "missing"
-    if data.get("status") == "completed":
+    if record.status == "completed":
         return "completed"
-    data["status"] = "failed"
-    data["error"] = reason
-    data["finished_at"] = time.time()
-    atomic_write_json(path, data)
+    record.fail(reason)
     if details:
         (run_dir / "error.txt").write_text(f"{reason}\n\n{details}\n")
     return "failed"

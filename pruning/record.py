@@ -157,6 +157,17 @@ class RunRecord:
             "finished_at": None,
         }
 
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunRecord | None:
+        """The record already in `run_dir` (None when there is none), to change its status."""
+        data = read_json(Path(run_dir) / "result.json")
+        if data is None:
+            return None
+        rec = cls(run_dir, run_id=data.get("run_id", ""), sweep=data.get("sweep", ""),
+                  overrides=data.get("overrides", []), index=data.get("index", {}))
+        rec.data = data
+        return rec
+
     # ------------------------------------------------------------------ state
     def existing(self) -> dict | None:
         return read_json(self.path)
