@@ -30,7 +30,8 @@ NON_RESULT_KEYS = (
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
 
-def _key_of(override: str) -> str:
+def override_key(override: str) -> str:
+    """The key of a command-line override: `+a.b=1`, `~a.b` and `a.b=1` all give `a.b`."""
     return override.split("=", 1)[0].lstrip("+~")
 
 
@@ -38,7 +39,7 @@ def result_overrides(overrides: Iterable[str]) -> list[str]:
     """The overrides that change results, sorted (order on the command line does not matter)."""
     out = []
     for ov in overrides:
-        key = _key_of(str(ov))
+        key = override_key(str(ov))
         if any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS):
             continue
         out.append(str(ov))

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pruning.config import result_overrides, run_dirname
+from pruning.config import override_key, result_overrides, run_dirname
 from pruning.record import read_json
 
 STATUSES = ("completed", "failed", "running", "missing")
@@ -114,15 +114,11 @@ class SweepStatus:
 
 # --------------------------------------------------------------------------- grid
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def cell_key(overrides: Sequence[str], default_seed: Any) -> tuple[tuple[str, ...], Any]:
     """(sorted result-relevant overrides, seed): the identity shared with the run directory."""
     seed = default_seed
     for ov in overrides:
-        if _override_key(ov) == "seed":
+        if override_key(ov) == "seed":
             seed = ov.split("=", 1)[1]
     try:
         seed = int(seed) if seed is not None else None
