@@ -52,7 +52,9 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +327,46 @@ class GradientMatrix:
 
 
 # --------------------------------------------------------------------------------- computation
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BatchNorm written as what it is: y = x * scale + shift, per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+@contextmanager
+def affine_batchnorm(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """While inside, every eval-mode BatchNorm of `model` (with running statistics) runs as its
+    per-channel affine map; yields the patched modules.
+
+    Why: under vmap, `batch_norm` is batched by folding the vmapped rows into the channel axis,
+    so each layer runs a full normalisation over rows x channels (and its backward) where one
+    multiply-add suffices. On ResNet-20 (N = 1000, 2 CPU threads) this cuts G's time by ~10-15%.
+    The result equals eval-mode BatchNorm up to float rounding (~1e-7 relative). Only the exact
+    torch classes are patched (a subclass may change forward), and only for this call: the
+    instance attribute is removed on exit.
+    """
+    patched = []
+    try:
+        for m in model.modules():
+            if type(m) in _BATCHNORMS and not m.training and m.running_mean is not None \
+                    and m.running_var is not None and "forward" not in m.__dict__:
+                m.forward = partial(_batchnorm_affine, m)
+                patched.append(m)
+        yield patched
+    finally:
+        for m in patched:
+            del m.forward
+
+
 def _row_gradients(
     model: nn.Module,
     layout: ParamLayout,
@@ -362,9 +404,10 @@ def _row_gradients(
         per_row = vmap(grad(row_loss), in_dims=(None, 0, 0))
         x = inputs[: n_rows * mini_batch].reshape(n_rows, mini_batch, *inputs.shape[1:])
         y = targets[: n_rows * mini_batch].reshape(n_rows, mini_batch)
-        for s in tqdm(range(0, n_rows, chunk_size), desc=desc, leave=False, disable=not progress):
-            xs, ys = x[s:s + chunk_size].to(device), y[s:s + chunk_size].to(device)
-            sink(s, s + xs.shape[0], per_row(diff, xs, ys))
+        with affine_batchnorm(model):
+            for s in tqdm(range(0, n_rows, chunk_size), desc=desc, leave=False, disable=not progress):
+                xs, ys = x[s:s + chunk_size].to(device), y[s:s + chunk_size].to(device)
+                sink(s, s + xs.shape[0], per_row(diff, xs, ys))
     finally:
         model.train(was_training)
     return n_rows

@@ -11,6 +11,7 @@ from torch import nn
 import pruning.gradients as gmod
 from pruning.gradients import (
     GradientMatrix,
+    affine_batchnorm,
     apply_row_noise,
     build_gradient_matrix,
     compute_gradient_matrix,
@@ -212,3 +213,36 @@ def test_row_noise_after_cache(stream):
     expected = G.dense() * torch.arange(1, 10, dtype=torch.float32).unsqueeze(1)
     assert torch.allclose(out.dense(), expected)
     assert not torch.allclose(G.dense(), expected)  # the cached matrix itself is untouched
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("bn_cls,shape", [(nn.BatchNorm1d, (6, 4)), (nn.BatchNorm1d, (6, 4, 3)),
+                                          (nn.BatchNorm2d, (6, 4, 3, 5))])
+def test_affine_batchnorm_equals_eval_batchnorm(bn_cls, shape, affine):
+    g = torch.Generator().manual_seed(0)
+    bn = bn_cls(4, affine=affine)
+    bn.running_mean.copy_(torch.randn(4, generator=g))
+    bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+    if affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.randn(4, generator=g))
+            bn.bias.copy_(torch.randn(4, generator=g))
+    bn.eval()
+    x = torch.randn(*shape, generator=g)
+    ref = bn(x)
+    with affine_batchnorm(bn) as patched:
+        assert patched == [bn]
+        out = bn(x)
+    assert "forward" not in bn.__dict__  # restored
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_affine_batchnorm_leaves_batch_statistics_alone():
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3, track_running_stats=False), nn.BatchNorm2d(3))
+    net[0].eval()
+    net[1].eval()  # no running statistics: normalises with the batch's even in eval mode
+    net[2].train()
+    with pytest.raises(RuntimeError, match="boom"), affine_batchnorm(net) as patched:
+        assert patched == [net[0]]
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in net)  # restored on error too
