@@ -260,7 +260,7 @@ class Job:
 
         for epoch in trange(tc.epochs, desc="dense training", disable=not self.progress):
             lr = opt.param_groups[0]["lr"]
-            stats = train_epoch(model, loader, opt, self.device, progress=False)
+            stats = train_epoch(model, loader, opt, self.device, progress=False, label_smoothing=tc.label_smoothing)
             sched.step()
             self.log({"phase": "dense_train", "epoch": epoch + 1, "lr": lr, **stats})
         atomic_torch_save(model.state_dict(), cache)  # concurrent jobs may train the same recipe
@@ -386,7 +386,8 @@ class Job:
                            "weight_decay": float(sched.weight_decay),
                            "lr_schedule": str(sched.get("lr_schedule", "none")),
                            "milestones": tuple(int(m) for m in sched.get("milestones", ())),
-                           "gamma": float(sched.get("gamma", 0.1))}, "schedule")
+                           "gamma": float(sched.get("gamma", 0.1)),
+                           "label_smoothing": float(sched.get("label_smoothing", 0.0))}, "schedule")
         opt = make_optimizer(self.model, tc)
         lr_sched = make_scheduler(opt, tc)  # per epoch; saved with the optimizer at each boundary
         loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), "gradual-order"))
@@ -398,7 +399,8 @@ class Job:
                 self.record_stage(len(self.record.data["stages"]) + 1, s_t, res, time.perf_counter() - t0,
                                   epoch=epoch)
             stats = train_epoch(self.model, loader, opt, self.device, self.layout, self.mask,
-                                desc=f"gradual epoch {epoch + 1}", progress=self.progress)
+                                desc=f"gradual epoch {epoch + 1}", progress=self.progress,
+                                label_smoothing=tc.label_smoothing)
             self.log({"phase": "gradual", "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats,
                       **self.eval_now()})
             lr_sched.step()
@@ -430,12 +432,16 @@ class Job:
         params.setdefault("batch_size", int(self.cfg.dataset.get("batch_size", 64)))
         tc = train_config(params, key)
         opt = make_optimizer(self.model, tc)
+        lr_sched = make_scheduler(opt, tc)  # per epoch; saved with the optimizer at each boundary
         loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), f"finetune/{stream}"))
-        for epoch in range(self.ckpt.resume_loop(phase, loader, opt), tc.epochs):
+        for epoch in range(self.ckpt.resume_loop(phase, loader, opt, lr_sched), tc.epochs):
+            lr = opt.param_groups[0]["lr"]
             stats = train_epoch(self.model, loader, opt, self.device, self.layout, self.mask,
-                                desc=f"{phase} {epoch + 1}/{tc.epochs}", progress=self.progress)
-            self.log({"phase": phase, "epoch": epoch + 1, **stats, **self.eval_now()})
-            self.ckpt.save(self, f"{phase}/{epoch + 1}", loader, opt)
+                                desc=f"{phase} {epoch + 1}/{tc.epochs}", progress=self.progress,
+                                label_smoothing=tc.label_smoothing)
+            self.log({"phase": phase, "epoch": epoch + 1, "lr": lr, **stats, **self.eval_now()})
+            lr_sched.step()
+            self.ckpt.save(self, f"{phase}/{epoch + 1}", loader, opt, lr_sched)
 
     def finetune(self) -> None:
         if int(self.cfg.finetune.epochs) > 0:

@@ -33,6 +33,7 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()  # epochs at which `step` multiplies the lr by gamma
     gamma: float = 0.1
     warmup_epochs: int = 0       # linear warm-up from lr/warmup_epochs, before the schedule
+    label_smoothing: float = 0.0  # cross-entropy target smoothing in [0, 1) (GFS/ImageNet recipes use 0.1)
 
 
 def train_config(cfg: object, key: str) -> TrainConfig:
@@ -56,6 +57,8 @@ def train_config(cfg: object, key: str) -> TrainConfig:
     if tc.gamma <= 0 or not 0 <= tc.warmup_epochs <= max(tc.epochs, 0):
         raise ConfigError(key, {"gamma": tc.gamma, "warmup_epochs": tc.warmup_epochs},
                           "gamma > 0, 0 <= warmup_epochs <= epochs", "has an invalid value")
+    if not 0.0 <= tc.label_smoothing < 1.0:
+        raise ConfigError(f"{key}.label_smoothing", tc.label_smoothing, "a number in [0, 1)")
     if tc.epochs < 0 or tc.batch_size <= 0 or tc.lr <= 0:
         raise ConfigError(key, {"epochs": tc.epochs, "batch_size": tc.batch_size, "lr": tc.lr},
                           "epochs >= 0, batch_size > 0, lr > 0", "has an invalid value")
@@ -124,8 +127,9 @@ def masked_step(opt: torch.optim.Optimizer, model: nn.Module, layout: ParamLayou
 def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, device: torch.device,
                 layout: ParamLayout | None = None, mask: torch.Tensor | None = None,
                 step_hook: Callable[[], None] | None = None, desc: str = "train",
-                progress: bool = True) -> dict[str, float]:
-    """One epoch of (optionally masked) training; returns the mean training loss and accuracy."""
+                progress: bool = True, label_smoothing: float = 0.0) -> dict[str, float]:
+    """One epoch of (optionally masked) training; returns the mean training loss (with
+    `label_smoothing`, the smoothed cross-entropy that is optimised) and accuracy."""
     model.train()
     masks = layout.unflatten(mask.to(device)) if layout is not None and mask is not None else None
     params = get_params(model, layout) if masks is not None else None
@@ -134,7 +138,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer
         x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
         out = model(x)
-        loss = F.cross_entropy(out, y)
+        loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
         loss.backward()
         masked_step(opt, model, layout, mask, params, masks)
         if step_hook is not None:

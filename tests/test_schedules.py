@@ -129,3 +129,31 @@ def test_gradual_lr_decays_at_its_milestones(make_cfg, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if r.get("phase") == "gradual"]
     assert lrs == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025])
+
+
+def test_finetune_follows_its_lr_schedule_and_label_smoothing(make_cfg, tmp_path):
+    """The finetune group's lr_schedule drives the lr per epoch (cosine to 0 over `epochs`) and its
+    label_smoothing reaches the training loss (the GFS recipe: cosine, smoothing 0.1)."""
+    import math
+
+    common = ("finetune=short", "finetune.epochs=4", "finetune.lr=0.02", "finetune.lr_schedule=cosine",
+              "sparsity=0.5")
+    run(make_cfg(*common), tmp_path / "plain")
+    run(make_cfg(*common, "finetune.label_smoothing=0.3"), tmp_path / "smooth")
+
+    def rows(name: str) -> list[dict]:
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r.get("phase") == "finetune"]
+
+    plain, smooth = rows("plain"), rows("smooth")
+    assert [r["lr"] for r in plain] == pytest.approx([0.02 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)])
+    # a smoothed target keeps the optimised cross-entropy well above the plain one's
+    assert smooth[0]["train_loss"] > plain[0]["train_loss"] + 0.2
+
+
+def test_label_smoothing_out_of_range_names_the_key():
+    from pruning.errors import ConfigError
+    from pruning.train import train_config
+
+    with pytest.raises(ConfigError, match="finetune.label_smoothing"):
+        train_config({"epochs": 1, "label_smoothing": 1.0}, "finetune")
