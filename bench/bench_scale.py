@@ -4,6 +4,7 @@
     python3 bench/bench_scale.py                 # N = 8, 16, 32, 64 at 224 x 224 (about 25 min on 2 cores)
     python3 bench/bench_scale.py --quick         # N = 8, 16 at 224 x 224, woodfisher only after G
     python3 bench/bench_scale.py --n 8 16 --methods lr --resolution 112
+    python3 bench/bench_scale.py --n 4 --m 1 16 64 --sub-batch 8   # G only, against the mini-batch m
 
 Every configuration runs in a fresh subprocess and reports its peak resident set (VmHWM from
 /proc/self/status: everything the process touched, libtorch and the model included), so the
@@ -21,6 +22,13 @@ read, so device memory holds one block plus the method's p-vectors and N x N mat
 holds one block and the page cache; the fitted slope is the per-row cost of the resident
 working set measured here on CPU (the largest block, N x 2.36M, for woodfisher; the active set for
 lr / swap), which is what grows with N.
+
+With `--m`, the rows are mini-batch gradients (calibration.mini_batch = m; WoodFisher's ImageNet
+recipe uses N = 400, m = 400, i.e. 160,000 images, ~96 GB as float32 tensors): only G is built,
+its examples are read from a dataset a block at a time (`pruning.calibration.DatasetRows`, random
+images generated per index) and each row's m examples go through the vmap `--sub-batch` at a time,
+so peak memory should not grow with m; the table shows it against the N x m input bytes that a
+materialised calibration batch would need.
 """
 
 from __future__ import annotations
@@ -55,14 +63,28 @@ a = json.loads(sys.argv[1])
 torch.manual_seed(0)
 model = ResNet50(1000)
 layout = make_layout(model)
-n, res = a["n"], a["resolution"]
-g = torch.Generator().manual_seed(1)
-x = torch.rand(n, 3, res, res, generator=g)
-y = torch.randint(1000, (n,), generator=g)
-cal = {"stream": True, "cache": True, "chunk_size": a["chunk_size"], "stream_chunk_mb": a["chunk_mb"]}
+n, m, res = a["n"], a["m"], a["resolution"]
+cal = {"stream": True, "cache": True, "chunk_size": a["chunk_size"], "stream_chunk_mb": a["chunk_mb"],
+       "mini_batch": m, "sub_batch": a["sub_batch"]}
+if m == 1:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, res, res, generator=g)
+    y = torch.randint(1000, (n,), generator=g)
+    idx = torch.arange(n).view(n, 1)
+else:  # rows read from a dataset a block at a time: N x m images are never all in memory
+    from pruning.calibration import DatasetRows
+
+    class RandomImages(torch.utils.data.Dataset):
+        def __len__(self):
+            return n * m
+        def __getitem__(self, i):
+            return torch.rand(3, res, res, generator=torch.Generator().manual_seed(i)), i % 1000
+
+    idx = torch.arange(n * m).view(n, m)
+    x, y = DatasetRows(RandomImages(), idx, key="random-images"), None
 base = hwm_mb()
 t0 = time.perf_counter()
-G = build_gradient_matrix(model, layout, x, y, torch.arange(n).view(n, 1), cal, cache_dir=a["cache"], seed=0,
+G = build_gradient_matrix(model, layout, x, y, idx, cal, cache_dir=a["cache"], seed=0,
                           progress=a["stage"] == "G")
 t_g = time.perf_counter() - t0
 out = {"base_mb": base, "g_seconds": t_g, "p": layout.numel}
@@ -110,12 +132,16 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--chunk-size", type=int, default=128, help="calibration.chunk_size (an upper bound)")
     ap.add_argument("--chunk-mb", type=float, default=1024, help="calibration.stream_chunk_mb")
+    ap.add_argument("--m", type=int, nargs="+", default=None,
+                    help="mini-batch sizes m (rows averaged over m examples); G only, at each N")
+    ap.add_argument("--sub-batch", type=int, default=None, help="calibration.sub_batch (with --m)")
     ap.add_argument("--cache", type=Path, default=None, help="where G goes (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     ns = args.n or ([8, 16] if args.quick else [8, 16, 32, 64])
     meths = args.methods or (["woodfisher"] if args.quick else ["woodfisher", "lr", "swap"])
-    stages = ["G", *meths]
+    stages = ["G"] if args.m else ["G", *meths]
+    ms = args.m or [1]
     cache = args.cache or Path(tempfile.mkdtemp(prefix="bench-scale-", dir=ROOT / "outputs" if (ROOT / "outputs").is_dir() else None))
     rows = []
     print(f"ResNet-50 (torchvision), {args.resolution}x{args.resolution} random inputs, sparsity {args.sparsity}, "
@@ -123,23 +149,31 @@ def main() -> None:
           flush=True)
     try:
         for n in ns:
-            for st in stages:
-                t0 = time.perf_counter()
-                r = run_child({"n": n, "stage": st, "resolution": args.resolution, "sparsity": args.sparsity,
-                               "chunk_size": args.chunk_size, "chunk_mb": args.chunk_mb, "cache": str(cache)})
-                r.update(n=n, stage=st, wall=time.perf_counter() - t0)
-                rows.append(r)
-                extra = "" if st == "G" else f"  (G load {r['g_seconds']:.1f}s)"
-                print(f"N={n:5d}  {st:10s}  {r['seconds']:8.1f}s  peak RSS {r['peak_mb'] / 1024:6.2f} GB{extra}",
-                      flush=True)
-            shutil.rmtree(cache, ignore_errors=True)  # G of this N: 4 N p bytes on disk
+            for m in ms:
+                for st in stages:
+                    t0 = time.perf_counter()
+                    r = run_child({"n": n, "m": m, "stage": st, "resolution": args.resolution,
+                                   "sparsity": args.sparsity, "chunk_size": args.chunk_size, "chunk_mb": args.chunk_mb,
+                                   "sub_batch": args.sub_batch, "cache": str(cache)})
+                    r.update(n=n, m=m, stage=st, wall=time.perf_counter() - t0)
+                    rows.append(r)
+                    extra = "" if st == "G" else f"  (G load {r['g_seconds']:.1f}s)"
+                    inputs_gb = n * m * 3 * args.resolution ** 2 * 4 / 1e9
+                    print(f"N={n:5d}  m={m:4d}  {st:10s}  {r['seconds']:8.1f}s  peak RSS {r['peak_mb'] / 1024:6.2f} GB"
+                          f"  (N x m inputs {inputs_gb:.2f} GB){extra}", flush=True)
+                shutil.rmtree(cache, ignore_errors=True)  # G of this N: 4 N p bytes on disk
     finally:
         if args.cache is None:
             shutil.rmtree(cache, ignore_errors=True)
     p = rows[0]["p"]
-    print("\n| N | stage | seconds | peak RSS (GB) | G on disk (GB) |\n|---:|---|---:|---:|---:|")
+    print("\n| N | m | stage | seconds | peak RSS (GB) | G on disk (GB) |\n|---:|---:|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['n']} | {r['stage']} | {r['seconds']:.1f} | {r['peak_mb'] / 1024:.2f} | {4 * r['n'] * p / 1e9:.2f} |")
+        print(f"| {r['n']} | {r['m']} | {r['stage']} | {r['seconds']:.1f} | {r['peak_mb'] / 1024:.2f} "
+              f"| {4 * r['n'] * p / 1e9:.2f} |")
+    if args.m:
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
     print("\nslope of peak RSS vs N and extrapolation to N = 1000 (least squares over the measured N):")
     for st in stages:
         pts = [(r["n"], r["peak_mb"]) for r in rows if r["stage"] == st]

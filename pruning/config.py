@@ -25,7 +25,7 @@ NON_RESULT_KEYS = (
     "seed", "sweep_name", "cluster", "resources", "logger", "resume", "fail_fast", "device",
     "progress", "paths", "hydra", "tags", "deterministic", "eval.batch_size", "calibration.chunk_size",
     "calibration.cache", "calibration.stream", "calibration.stream_chunk_mb", "calibration.stream_cols",
-    "calibration.resident_mb", "local", "site",
+    "calibration.resident_mb", "calibration.sub_batch", "calibration.num_workers", "local", "site",
 )
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
@@ -135,6 +135,12 @@ def validate(cfg: Any) -> None:
     if cal.block_size is not None:
         require(isinstance(cal.block_size, int) and cal.block_size > 0, "calibration.block_size",
                 cal.block_size, "null or a positive integer")
+    sub = cal.get("sub_batch")
+    require(sub is None or (isinstance(sub, int) and not isinstance(sub, bool) and sub > 0), "calibration.sub_batch",
+            sub, "null (the whole mini-batch) or a positive integer")
+    workers = cal.get("num_workers", 0)
+    require(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0, "calibration.num_workers",
+            workers, "a non-negative integer")
     require(cfg.schedule.name in ("oneshot", "multistage", "gradual"), "schedule.name",
             cfg.schedule.name, "oneshot, multistage, gradual")
     if cfg.schedule.name == "multistage":

@@ -65,6 +65,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from pruning.calibration import RowSource, TensorRows, tensor_hash
 from pruning.errors import ConfigError
 from pruning.layout import ParamLayout
 
@@ -370,24 +371,29 @@ def affine_batchnorm(model: nn.Module) -> Iterator[list[nn.Module]]:
 def _row_gradients(
     model: nn.Module,
     layout: ParamLayout,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    source: RowSource,
     names: tuple[str, ...],
     sink: Callable[[int, int, dict[str, torch.Tensor]], None],
     *,
-    mini_batch: int,
     chunk_size: int,
     loss_fn: LossFn,
     progress: bool,
+    sub_batch: int | None = None,
     desc: str = "gradients",
 ) -> int:
     """Compute rows of G for the tensors `names`, `chunk_size` rows per vmap call, handing each
-    chunk's gradients ({name: (rows, *shape)}) to `sink(start, stop, grads)`. Returns N."""
-    if mini_batch <= 0 or chunk_size <= 0:
-        raise ValueError(f"mini_batch={mini_batch} and chunk_size={chunk_size} must be positive")
-    n_rows = inputs.shape[0] // mini_batch
-    if n_rows == 0:
-        raise ValueError(f"{inputs.shape[0]} examples cannot fill one mini-batch of {mini_batch}")
+    chunk's gradients ({name: (rows, *shape)}) to `sink(start, stop, grads)`. Returns N.
+
+    With `sub_batch` < m, a row's m examples go through the vmap `sub_batch` at a time and the
+    row is the weighted sum of the parts' mean gradients (size/m each): the same mean-loss
+    gradient, with at most chunk_size x sub_batch examples' activations alive at once.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    n_rows, m = source.num_rows, source.mini_batch
+    step = m if sub_batch is None else int(sub_batch)
+    if step <= 0:
+        raise ValueError(f"sub_batch={sub_batch} must be positive (or None for the whole mini-batch)")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -402,26 +408,46 @@ def _row_gradients(
             return loss_fn(out, y)
 
         per_row = vmap(grad(row_loss), in_dims=(None, 0, 0))
-        x = inputs[: n_rows * mini_batch].reshape(n_rows, mini_batch, *inputs.shape[1:])
-        y = targets[: n_rows * mini_batch].reshape(n_rows, mini_batch)
         with affine_batchnorm(model):
             for s in tqdm(range(0, n_rows, chunk_size), desc=desc, leave=False, disable=not progress):
-                xs, ys = x[s:s + chunk_size].to(device), y[s:s + chunk_size].to(device)
-                sink(s, s + xs.shape[0], per_row(diff, xs, ys))
+                xs, ys = source.rows(s, min(s + chunk_size, n_rows))
+                xs, ys = xs.to(device), ys.to(device)
+                if step >= m:
+                    sink(s, s + xs.shape[0], per_row(diff, xs, ys))
+                    continue
+                acc: dict[str, torch.Tensor] = {}
+                for j in range(0, m, step):
+                    part = per_row(diff, xs[:, j:j + step], ys[:, j:j + step])
+                    w = min(step, m - j) / m
+                    for k, v in part.items():
+                        acc[k] = v.mul_(w) if k not in acc else acc[k].add_(v, alpha=w)
+                sink(s, s + xs.shape[0], acc)
     finally:
         model.train(was_training)
     return n_rows
 
 
+def as_rows(inputs: torch.Tensor | RowSource, targets: torch.Tensor | None, mini_batch: int) -> RowSource:
+    """A RowSource for tensors (consecutive groups of `mini_batch` examples) or the source itself."""
+    if isinstance(inputs, torch.Tensor):
+        if targets is None:
+            raise ValueError("targets are required with tensor inputs")
+        return TensorRows(inputs, targets, mini_batch)
+    if inputs.mini_batch != mini_batch:
+        raise ValueError(f"the row source has mini_batch={inputs.mini_batch}, the calibration asks for {mini_batch}")
+    return inputs
+
+
 def compute_gradients(
     model: nn.Module,
     layout: ParamLayout,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    inputs: torch.Tensor | RowSource,
+    targets: torch.Tensor | None = None,
     *,
     mini_batch: int = 1,
     chunk_size: int = 128,
     block_size: int | None = None,
+    sub_batch: int | None = None,
     loss_fn: LossFn = F.cross_entropy,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -432,27 +458,28 @@ def compute_gradients(
     `block_size` is accepted for backward compatibility and ignored (see `compute_gradient_matrix`).
     """
     device = next(model.parameters()).device
-    n_rows = inputs.shape[0] // mini_batch
-    G = torch.empty(max(n_rows, 0), layout.numel, device=device, dtype=torch.float32)
+    source = as_rows(inputs, targets, mini_batch)
+    G = torch.empty(source.num_rows, layout.numel, device=device, dtype=torch.float32)
 
     def sink(s: int, e: int, grads: dict[str, torch.Tensor]) -> None:
         G[s:e] = torch.cat([grads[k].reshape(e - s, -1) for k in layout.names], dim=1)
 
-    _row_gradients(model, layout, inputs, targets, layout.names, sink, mini_batch=mini_batch,
-                   chunk_size=chunk_size, loss_fn=loss_fn, progress=progress)
+    _row_gradients(model, layout, source, layout.names, sink, chunk_size=chunk_size, sub_batch=sub_batch,
+                   loss_fn=loss_fn, progress=progress)
     return G
 
 
 def compute_gradient_matrix(
     model: nn.Module,
     layout: ParamLayout,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    inputs: torch.Tensor | RowSource,
+    targets: torch.Tensor | None = None,
     indices: torch.Tensor | None = None,
     *,
     mini_batch: int = 1,
     chunk_size: int = 128,
     block_size: int | None = None,
+    sub_batch: int | None = None,
     stream: bool = False,
     store_dir: str | Path | None = None,
     stream_cols: int | None = None,
@@ -469,11 +496,16 @@ def compute_gradient_matrix(
     directory next to the system temp files when None; it is unlinked at once, the open files
     stay readable). Rows per vmap call: min(chunk_size, stream_chunk_mb MiB / (4 x columns)).
     The returned matrix reads its blocks from disk onto the model's device, float32.
+    `inputs` is a tensor (with `targets`) or a `RowSource` that loads rows chunk by chunk;
+    `sub_batch` bounds the examples of one row per vmap call (see `_row_gradients`).
     """
-    n_rows = inputs.shape[0] // mini_batch
+    source = as_rows(inputs, targets, mini_batch)
+    n_rows = source.num_rows
     if indices is None:
-        indices = torch.arange(n_rows * mini_batch).view(n_rows, mini_batch)
-    kw = {"mini_batch": mini_batch, "loss_fn": loss_fn, "progress": progress}
+        indices = getattr(source, "indices", None)
+        if indices is None:
+            indices = torch.arange(n_rows * mini_batch).view(n_rows, mini_batch)
+    kw = {"sub_batch": sub_batch, "loss_fn": loss_fn, "progress": progress}
     device = next(model.parameters()).device
     if not stream:
         blocks = layout.blocks(block_size)
@@ -491,7 +523,7 @@ def compute_gradient_matrix(
                 else:
                     data[b][s:e] = flat[name][:, lo:hi]
 
-        _row_gradients(model, layout, inputs, targets, layout.names, sink, chunk_size=chunk_size, **kw)
+        _row_gradients(model, layout, source, layout.names, sink, chunk_size=chunk_size, **kw)
         return GradientMatrix(blocks, data, indices.cpu())
 
     if stream_chunk_mb is None or not stream_chunk_mb > 0:
@@ -512,7 +544,7 @@ def compute_gradient_matrix(
                     store.write_rows(index[name], s, grads[name].reshape(e - s, -1).detach().float().cpu().numpy())
 
             desc = "gradients (stream)" if len(groups) == 1 else f"gradients pass {gi + 1}/{len(groups)}"
-            _row_gradients(model, layout, inputs, targets, names, sink, chunk_size=rows, desc=desc, **kw)
+            _row_gradients(model, layout, source, names, sink, chunk_size=rows, desc=desc, **kw)
             release_heap()
         return GradientMatrix.from_store(store, layout.blocks(block_size), indices.cpu(), device=device,
                                          max_resident_bytes=None if resident_mb is None else int(resident_mb * 2**20))
@@ -625,16 +657,6 @@ def load_gradient_matrix(path: str | Path, layout: ParamLayout, block_size: int 
 
 
 # ------------------------------------------------------------------------------------- caching
-def tensor_hash(*tensors: torch.Tensor) -> str:
-    """sha256 over dtype, shape and raw bytes of the tensors."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
 def weights_hash(model: nn.Module) -> str:
     """sha256 over every parameter and buffer of the model (names, dtypes, shapes, values)."""
     h = hashlib.sha256()
@@ -644,20 +666,18 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor, targets: torch.Tensor,
-              indices: torch.Tensor, *, mini_batch: int, seed: int | None = None,
-              loss_fn: LossFn = F.cross_entropy, extra: Any = None) -> str:
+def cache_key(model: nn.Module, layout: ParamLayout, source: RowSource, indices: torch.Tensor, *,
+              seed: int | None = None, loss_fn: LossFn = F.cross_entropy, extra: Any = None) -> str:
     """Key of a gradient matrix: everything that changes G before the gradient-row noise."""
     parts = {
         "version": CACHE_VERSION,
         "names": list(layout.names),
         "shapes": [list(s) for s in layout.shapes],
         "weights": weights_hash(model),
-        "inputs": tensor_hash(inputs),
-        "targets": tensor_hash(targets),
+        "data": source.fingerprint(),
         "indices": tensor_hash(indices),
-        "num_rows": int(inputs.shape[0]) // int(mini_batch),
-        "mini_batch": int(mini_batch),
+        "num_rows": int(source.num_rows),
+        "mini_batch": int(source.mini_batch),
         "seed": seed,
         "loss": getattr(loss_fn, "__module__", "") + "." + getattr(loss_fn, "__qualname__", repr(loss_fn)),
         "extra": extra,
@@ -686,8 +706,8 @@ def _megabytes(cal: Mapping[str, Any], key: str, default: float | None, allow_no
 def build_gradient_matrix(
     model: nn.Module,
     layout: ParamLayout,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    inputs: torch.Tensor | RowSource,
+    targets: torch.Tensor | None,
     indices: torch.Tensor,
     calibration: Mapping[str, Any],
     *,
@@ -703,9 +723,12 @@ def build_gradient_matrix(
     (default true) and, optionally for stream mode, stream_chunk_mb (MiB of gradient rows per
     vmap call, default STREAM_CHUNK_MB), stream_cols (null = one pass; an integer = one pass per
     group of at most that many columns) and resident_mb (largest dense copy of G's columns a
-    solver keeps, default RESIDENT_MB; null = no bound); `cache_dir` is the cache root (required for caching; stream mode also uses
-    it for scratch files). Call it inside the noise model's `calibration_weights` context and
-    with the noisy calibration inputs, so that the key covers them.
+    solver keeps, default RESIDENT_MB; null = no bound) and sub_batch (examples of one row per
+    vmap call when mini_batch is large; null = all m); `cache_dir` is the cache root (required
+    for caching; stream mode also uses it for scratch files). `inputs` is a tensor (with
+    `targets`) or a `RowSource` (`targets` None) whose rows are loaded chunk by chunk. Call it
+    inside the noise model's `calibration_weights` context, with inputs that carry the
+    calibration-input noise (a source's fingerprint must name it), so that the key covers them.
     """
     mini_batch = int(calibration.get("mini_batch", 1))
     chunk_size = int(calibration.get("chunk_size", 128))
@@ -719,7 +742,11 @@ def build_gradient_matrix(
     if stream_cols is not None and (isinstance(stream_cols, bool) or not isinstance(stream_cols, int)
                                     or stream_cols <= 0):
         raise ConfigError("calibration.stream_cols", stream_cols, "null (one pass) or a positive integer")
-    kw = {"mini_batch": mini_batch, "chunk_size": chunk_size, "block_size": block_size,
+    sub_batch = calibration.get("sub_batch")
+    if sub_batch is not None and (isinstance(sub_batch, bool) or not isinstance(sub_batch, int) or sub_batch <= 0):
+        raise ConfigError("calibration.sub_batch", sub_batch, "null (the whole mini-batch) or a positive integer")
+    source = as_rows(inputs, targets, mini_batch)
+    kw = {"mini_batch": mini_batch, "chunk_size": chunk_size, "block_size": block_size, "sub_batch": sub_batch,
           "loss_fn": loss_fn, "progress": progress,
           "stream_chunk_mb": _megabytes(calibration, "stream_chunk_mb", STREAM_CHUNK_MB, allow_none=False),
           "stream_cols": stream_cols, "resident_mb": resident_mb}
@@ -729,13 +756,12 @@ def build_gradient_matrix(
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=cache_dir))
         try:
-            return compute_gradient_matrix(model, layout, inputs, targets, indices, stream=stream,
+            return compute_gradient_matrix(model, layout, source, None, indices, stream=stream,
                                            store_dir=scratch, **kw)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
-    key = cache_key(model, layout, inputs, targets, indices, mini_batch=mini_batch, seed=seed,
-                    loss_fn=loss_fn, extra=key_extra)
+    key = cache_key(model, layout, source, indices, seed=seed, loss_fn=loss_fn, extra=key_extra)
     path = Path(cache_dir) / key
     hit = load_gradient_matrix(path, layout, block_size, mmap=stream, device=device, resident_mb=resident_mb)
     if hit is not None:
@@ -745,7 +771,7 @@ def build_gradient_matrix(
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            G = compute_gradient_matrix(model, layout, inputs, targets, indices, stream=True, store_dir=tmp, **kw)
+            G = compute_gradient_matrix(model, layout, source, None, indices, stream=True, store_dir=tmp, **kw)
             np.save(tmp / "indices.npy", G.indices.numpy())
             info = {"version": CACHE_VERSION, "names": list(layout.names),
                     "shapes": [list(s) for s in layout.shapes], "num_rows": G.num_rows, **meta}
@@ -760,7 +786,7 @@ def build_gradient_matrix(
             raise
         G.key = key
         return G
-    G = compute_gradient_matrix(model, layout, inputs, targets, indices, stream=False, **kw)
+    G = compute_gradient_matrix(model, layout, source, None, indices, stream=False, **kw)
     save_gradient_matrix(G, layout, path, meta)
     G.key = key
     return G

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
 
 from pruning import config as config_mod
 from pruning import methods
 from pruning import noise as noise_mod
+from pruning.calibration import DatasetRows
 from pruning.checkpoint import StageCheckpoint, atomic_torch_save
 from pruning.data import DataBundle, build_dataset
 from pruning.errors import ConfigError
@@ -276,8 +276,8 @@ class Job:
         self.say(f"dense checkpoint: {path} (test acc {dense['acc']:.4f}); prune it with \"model.checkpoint='{path}'\"")
 
     # --------------------------------------------------------------- pruning
-    def calibration_batch(self, stage: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """N*m calibration examples drawn with the run's calibration stream (fresh per stage)."""
+    def calibration_indices(self, stage: int) -> torch.Tensor:
+        """(N, m) calibration example indices drawn with the run's calibration stream (fresh per stage)."""
         cal = self.cfg.calibration
         n = int(cal.num_samples) * int(cal.mini_batch)
         pool = len(self.data.calib)
@@ -286,24 +286,41 @@ class Job:
             idx = torch.randperm(pool, generator=g)[:n]
         else:
             idx = torch.randint(pool, (n,), generator=g)
-        xs, ys = [], []
-        for x, y in DataLoader(Subset(self.data.calib, idx.tolist()), batch_size=512, shuffle=False):
-            xs.append(x)
-            ys.append(y)
-        return torch.cat(xs), torch.cat(ys), idx.view(int(cal.num_samples), int(cal.mini_batch))
+        return idx.view(int(cal.num_samples), int(cal.mini_batch))
+
+    def calibration_rows(self, stage: int) -> DatasetRows:
+        """The calibration examples of stage `stage`, read a block at a time while G is built (the
+        N x m inputs are never all in memory), with the noise model's calibration-input hook
+        applied per block (its draws seeded by the block number)."""
+        seed, cal = int(self.cfg.seed), self.cfg.calibration
+        data_cfg = OmegaConf.to_container(self.cfg.dataset, resolve=True)
+        key: dict[str, Any] = {"dataset": {k: v for k, v in data_cfg.items() if k not in ("batch_size", "num_workers")},
+                               "size": len(self.data.calib)}
+        prepare = None
+        if type(self.noise).calibration_inputs is not noise_mod.NoiseModel.calibration_inputs:
+            noise, model = self.noise, self.model
+
+            def prepare(x: torch.Tensor, y: torch.Tensor, block: int) -> torch.Tensor:
+                return noise.calibration_inputs(model, x, y, generator(seed, f"noise/{stage}/inputs/{block}"))
+
+            key["input_noise"] = {"noise": self.noise.record(), "draw": derive_seed(seed, f"noise/{stage}/inputs")}
+        return DatasetRows(self.data.calib, self.calibration_indices(stage), key=key, prepare=prepare,
+                           device=self.device, num_workers=int(cal.get("num_workers", 0) or 0))
 
     def gradient_matrix(self, stage: int) -> GradientMatrix:
         cal = self.cfg.calibration
-        x, y, idx = self.calibration_batch(stage)
+        rows = self.calibration_rows(stage)
         seed = int(self.cfg.seed)  # one stream per hook: paired draws across methods and noise settings
-        x = self.noise.calibration_inputs(self.model, x.to(self.device), y.to(self.device),
-                                          generator(seed, f"noise/{stage}/inputs"))
-        with self.noise.calibration_weights(self.model, self.layout, self.mask, generator(seed, f"noise/{stage}/weights")):
-            # blocked G through the disk cache, keyed inside the weight-noise context on the noisy inputs
-            G = build_gradient_matrix(self.model, self.layout, x, y.to(self.device), idx, cal,
-                                      cache_dir=Path(self.cfg.paths.cache_dir) / "grads", seed=seed,
-                                      key_extra=noise_cache_key(self.noise, derive_seed(seed, f"noise/{stage}/weights")),
-                                      progress=self.progress)
+        try:
+            with self.noise.calibration_weights(self.model, self.layout, self.mask,
+                                                generator(seed, f"noise/{stage}/weights")):
+                # blocked G through the disk cache, keyed inside the weight-noise context
+                G = build_gradient_matrix(self.model, self.layout, rows, None, rows.indices, cal,
+                                          cache_dir=Path(self.cfg.paths.cache_dir) / "grads", seed=seed,
+                                          key_extra=noise_cache_key(self.noise, derive_seed(seed, f"noise/{stage}/weights")),
+                                          progress=self.progress)
+        finally:
+            rows.close()
         # gradient-row noise acts after the cache
         return apply_row_noise(G, self.noise, generator(seed, f"noise/{stage}/gradients"))
 
