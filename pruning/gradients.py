@@ -4,7 +4,10 @@ Row i is g_i = grad_w of the mean loss over a "fisher mini-batch" B_i of m examp
 prunable weights only, at the current weights, with the model in eval mode (BatchNorm uses its
 running statistics, dropout is off, rows are independent). Rows are computed with torch.func
 (vmap of grad of functional_call) over `chunk_size` rows at a time, never with a Python loop over
-samples. With m > 1 the vmap runs over the N groups and each row is one ordinary mini-batch mean.
+samples. With m > 1 the vmap runs over the N groups and each row is one ordinary mini-batch mean
+(optionally accumulated over sub-batches of `calibration.sub_batch` examples). The examples come
+from a `RowSource` (`pruning.calibration`), read chunk by chunk: the N x m calibration inputs are
+never all in memory.
 
 Storage and the memory bound
 ----------------------------
@@ -37,7 +40,9 @@ Disk cache
 the sampled indices, and ``meta.json``). The key hashes everything that changes G before the
 row noise: the layout, every parameter and buffer of the model as it is while G is computed
 (so weight noise applied by the noise model's ``calibration_weights`` hook is covered), the
-calibration inputs after ``calibration_inputs`` noise and the labels, the sampled indices, N, m,
+calibration data's fingerprint (`pruning.calibration`: for tensors, a hash of the inputs after
+``calibration_inputs`` noise and of the labels; for rows read from a dataset, the caller's data
+key, which names the input noise and its seed, and a hash of the first row), the sampled indices, N, m,
 the run seed, the loss and optionally a noise-model key. The cached files do not depend on the
 block size or the mode, so every method of a comparison (and both modes) shares one entry.
 Gradient-row noise (the ``gradients`` hook) is applied after the cache (`apply_row_noise`).
