@@ -65,7 +65,7 @@ model = ResNet50(1000)
 layout = make_layout(model)
 n, m, res = a["n"], a["m"], a["resolution"]
 cal = {"stream": True, "cache": True, "chunk_size": a["chunk_size"], "stream_chunk_mb": a["chunk_mb"],
-       "mini_batch": m, "sub_batch": a["sub_batch"]}
+       "mini_batch": m, "sub_batch": a["sub_batch"], "block_size": a["block_size"]}
 if m == 1:
     g = torch.Generator().manual_seed(1)
     x = torch.rand(n, 3, res, res, generator=g)
@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=None,
                     help="mini-batch sizes m (rows averaged over m examples); G only, at each N")
     ap.add_argument("--sub-batch", type=int, default=None, help="calibration.sub_batch (with --m)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="calibration.block_size: columns per block (default: one block per tensor)")
     ap.add_argument("--cache", type=Path, default=None, help="where G goes (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
@@ -145,7 +147,8 @@ def main() -> None:
     cache = args.cache or Path(tempfile.mkdtemp(prefix="bench-scale-", dir=ROOT / "outputs" if (ROOT / "outputs").is_dir() else None))
     rows = []
     print(f"ResNet-50 (torchvision), {args.resolution}x{args.resolution} random inputs, sparsity {args.sparsity}, "
-          f"stream mode, chunk_size {args.chunk_size}, stream_chunk_mb {args.chunk_mb:g}; one subprocess per row",
+          f"stream mode, chunk_size {args.chunk_size}, stream_chunk_mb {args.chunk_mb:g}, "
+          f"block_size {args.block_size}; one subprocess per row",
           flush=True)
     try:
         for n in ns:
@@ -154,7 +157,8 @@ def main() -> None:
                     t0 = time.perf_counter()
                     r = run_child({"n": n, "m": m, "stage": st, "resolution": args.resolution,
                                    "sparsity": args.sparsity, "chunk_size": args.chunk_size, "chunk_mb": args.chunk_mb,
-                                   "sub_batch": args.sub_batch, "cache": str(cache)})
+                                   "sub_batch": args.sub_batch, "block_size": args.block_size,
+                                   "cache": str(cache)})
                     r.update(n=n, m=m, stage=st, wall=time.perf_counter() - t0)
                     rows.append(r)
                     extra = "" if st == "G" else f"  (G load {r['g_seconds']:.1f}s)"

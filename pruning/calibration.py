@@ -82,7 +82,9 @@ class DatasetRows:
 
     `prepare(x, y, block)` (on `device`) may replace the inputs of block number `block` (rows
     block*block_rows .. +block_rows). Reads go forward through one DataLoader iterator; asking
-    for an earlier block (a second pass) starts a new one. `key` identifies the dataset and
+    for an earlier block (a second pass) starts a new one. With `num_workers` > 0 each worker
+    decodes whole blocks and the loader prefetches up to 2 x num_workers of them (its default
+    prefetch factor), which bounds the examples in flight. `key` identifies the dataset and
     whatever `prepare` does in the cache key.
     """
 
