@@ -25,7 +25,7 @@ NON_RESULT_KEYS = (
     "seed", "sweep_name", "cluster", "resources", "logger", "resume", "fail_fast", "device",
     "progress", "paths", "hydra", "tags", "deterministic", "eval.batch_size", "calibration.chunk_size",
     "calibration.cache", "calibration.stream", "calibration.stream_chunk_mb", "calibration.stream_cols",
-    "calibration.resident_mb", "calibration.sub_batch", "calibration.num_workers", "local", "site",
+    "calibration.resident_mb", "calibration.sub_batch", "calibration.num_workers", "dataset.num_workers", "local", "site",
 )
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
@@ -138,9 +138,10 @@ def validate(cfg: Any) -> None:
     sub = cal.get("sub_batch")
     require(sub is None or (isinstance(sub, int) and not isinstance(sub, bool) and sub > 0), "calibration.sub_batch",
             sub, "null (the whole mini-batch) or a positive integer")
-    workers = cal.get("num_workers", 0)
-    require(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0, "calibration.num_workers",
-            workers, "a non-negative integer")
+    for key, workers in (("calibration.num_workers", cal.get("num_workers")),
+                         ("dataset.num_workers", cfg.dataset.get("num_workers"))):
+        require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
+                key, workers, "null or a non-negative integer")
     require(cfg.schedule.name in ("oneshot", "multistage", "gradual"), "schedule.name",
             cfg.schedule.name, "oneshot, multistage, gradual")
     if cfg.schedule.name == "multistage":

@@ -97,7 +97,7 @@ def method_params(cfg: DictConfig) -> dict[str, Any]:
 
 
 # dataset keys that cannot change the dense model (its recipe is model.train)
-_DATA_KEYS_NOT_IN_DENSE = ("download", "verify_checksums", "batch_size")
+_DATA_KEYS_NOT_IN_DENSE = ("download", "verify_checksums", "batch_size", "num_workers")
 
 
 def _cfg_hash(*parts: Any) -> str:
@@ -151,7 +151,13 @@ class Job:
             print(f"warning: tracker.log failed: {exc}", file=sys.stderr)
 
     def eval_now(self) -> dict[str, float]:
-        return evaluate(self.model, self.data.test, self.device, int(self.cfg.eval.batch_size))
+        return evaluate(self.model, self.data.test, self.device, int(self.cfg.eval.batch_size),
+                        num_workers=self.num_workers)
+
+    @property
+    def num_workers(self) -> int:
+        """Loader processes for the dataset's examples (dataset.num_workers; 0 = in this process)."""
+        return int(self.cfg.dataset.get("num_workers", 0) or 0)
 
     # ------------------------------------------------------------------ entry
     def run(self) -> dict[str, Any]:
@@ -254,7 +260,8 @@ class Job:
         model.to(self.device)
         opt = make_optimizer(model, tc)
         sched = make_scheduler(opt, tc)
-        loader = make_loader(self.data.train, tc.batch_size, derive_seed(seed, "dense-order"))
+        loader = make_loader(self.data.train, tc.batch_size, derive_seed(seed, "dense-order"),
+                             num_workers=self.num_workers)
         self.say(f"training dense {self.cfg.model.name} on {self.data.name}: {tc.epochs} epochs")
         from tqdm.auto import trange
 
@@ -294,7 +301,7 @@ class Job:
         applied per block (its draws seeded by the block number)."""
         seed, cal = int(self.cfg.seed), self.cfg.calibration
         data_cfg = OmegaConf.to_container(self.cfg.dataset, resolve=True)
-        key: dict[str, Any] = {"dataset": {k: v for k, v in data_cfg.items() if k not in ("batch_size", "num_workers")},
+        key: dict[str, Any] = {"dataset": {k: v for k, v in data_cfg.items() if k not in _DATA_KEYS_NOT_IN_DENSE},
                                "size": len(self.data.calib)}
         prepare = None
         if type(self.noise).calibration_inputs is not noise_mod.NoiseModel.calibration_inputs:
@@ -305,7 +312,8 @@ class Job:
 
             key["input_noise"] = {"noise": self.noise.record(), "draw": derive_seed(seed, f"noise/{stage}/inputs")}
         return DatasetRows(self.data.calib, self.calibration_indices(stage), key=key, prepare=prepare,
-                           device=self.device, num_workers=int(cal.get("num_workers", 0) or 0))
+                           device=self.device, num_workers=self.num_workers if cal.get("num_workers") is None
+                           else int(cal.num_workers))
 
     def gradient_matrix(self, stage: int) -> GradientMatrix:
         cal = self.cfg.calibration
@@ -407,7 +415,8 @@ class Job:
                            "label_smoothing": float(sched.get("label_smoothing", 0.0))}, "schedule")
         opt = make_optimizer(self.model, tc)
         lr_sched = make_scheduler(opt, tc)  # per epoch; saved with the optimizer at each boundary
-        loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), "gradual-order"))
+        loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), "gradual-order"),
+                             num_workers=self.num_workers)
         for epoch in range(self.ckpt.resume_loop("gradual", loader, opt, lr_sched), epochs):
             if epoch in prune_epochs:
                 s_t = cubic_sparsity(epoch, prune_epochs[0], prune_epochs[-1], float(sched.initial_sparsity), target)
@@ -450,7 +459,8 @@ class Job:
         tc = train_config(params, key)
         opt = make_optimizer(self.model, tc)
         lr_sched = make_scheduler(opt, tc)  # per epoch; saved with the optimizer at each boundary
-        loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), f"finetune/{stream}"))
+        loader = make_loader(self.data.train, tc.batch_size, derive_seed(int(self.cfg.seed), f"finetune/{stream}"),
+                             num_workers=self.num_workers)
         for epoch in range(self.ckpt.resume_loop(phase, loader, opt, lr_sched), tc.epochs):
             lr = opt.param_groups[0]["lr"]
             stats = train_epoch(self.model, loader, opt, self.device, self.layout, self.mask,

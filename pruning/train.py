@@ -92,12 +92,14 @@ def make_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.l
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512,
-             transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy; `transform(x, y)` may perturb inputs (attacks)."""
+             transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             num_workers: int = 0) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy; `transform(x, y)` may perturb inputs (attacks);
+    `num_workers` loader processes decode the examples."""
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         x, y = x.to(device), y.to(device)
         if transform is not None:
             with torch.enable_grad():
@@ -149,8 +151,12 @@ def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer
     return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
 
 
-def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
-    """A loader whose order depends only on `seed` (its own generator, not the global one)."""
+def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True,
+                num_workers: int = 0) -> DataLoader:
+    """A loader whose order depends only on `seed` (its own generator, not the global one; the
+    sampler draws from it in the main process, so the order is the same with `num_workers`
+    loader processes, which decode and augment; they are kept alive across epochs)."""
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=False,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)

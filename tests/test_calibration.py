@@ -137,3 +137,28 @@ def test_job_reads_calibration_rows_in_blocks(make_cfg, tmp_path, monkeypatch):
     run(make_cfg(*common, "calibration.sub_batch=3"), tmp_path / "sub")
     a, b = (json.loads((tmp_path / d / "result.json").read_text())["metrics"] for d in ("whole", "sub"))
     assert a["pruned_acc"] == b["pruned_acc"] and a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
+
+
+def test_loader_processes_change_nothing_but_speed():
+    """Training order (make_loader) and calibration rows are the same with loader processes."""
+    from pruning.train import make_loader
+
+    ds = dataset(30)
+    orders = [[y.tolist() for _, y in make_loader(ds, 8, seed=3, num_workers=w)] for w in (0, 2)]
+    assert orders[0] == orders[1]
+    model = conv_net()
+    layout = make_layout(model)
+    idx = torch.arange(24).view(8, 3)
+    G0, G2 = (compute_gradient_matrix(model, layout, DatasetRows(ds, idx, key="toy", block_rows=3, num_workers=w),
+                                      mini_batch=3, chunk_size=4).dense() for w in (0, 2))
+    assert torch.equal(G0, G2)
+
+
+def test_num_workers_is_validated(make_cfg):
+    from pruning.config import validate
+    from pruning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dataset.num_workers"):
+        validate(make_cfg("+dataset.num_workers=-1"))
+    with pytest.raises(ConfigError, match="calibration.sub_batch"):
+        validate(make_cfg("calibration.sub_batch=0"))
