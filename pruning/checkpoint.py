@@ -190,6 +190,8 @@ class StageCheckpoint:
         rec["stages"] = list(st["record"]["stages"])
         rec["timings"] = {**st["record"]["timings"], **rec["timings"]}  # this attempt's setup time
         _set_rng_state(st["rng"])
+        if st.get("noise") and hasattr(job.noise, "load_state_dict"):
+            job.noise.load_state_dict(st["noise"])
         job.record.save()
 
     def resume_loop(self, phase: str, loader: Any, *stateful: _Stateful) -> int:
@@ -236,6 +238,7 @@ class StageCheckpoint:
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
             "rng": _rng_state(),
             "loop": loop,
+            "noise": job.noise.state_dict() if hasattr(job.noise, "state_dict") else {},
         }
         atomic_torch_save(state, self.path)
 

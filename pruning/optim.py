@@ -81,6 +81,15 @@ class GRDA(torch.optim.Optimizer):
     def threshold(self, group_index: int = 0) -> float:
         return float(self.param_groups[group_index]["threshold"])
 
+    def state_dict(self) -> dict[str, Any]:
+        # the step count drives the threshold schedule, so a resumed run must continue it
+        return {**super().state_dict(), "step_count": self.step_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.step_count = int(state_dict.pop("step_count", 0))
+        super().load_state_dict(state_dict)
+
     def accumulator(self, p: torch.Tensor) -> torch.Tensor:
         st = self.state[p]
         return st["a"] if "a" in st else p.detach()
@@ -188,15 +197,36 @@ def stream_generators(gen: torch.Generator) -> dict[str, torch.Generator]:
     return out
 
 
+class _LoopState:
+    """The parts of a `train_loop` that a resumed attempt needs besides the optimizer and the
+    model: the stream generators (noise draws continue where they stopped) and the last stats."""
+
+    def __init__(self, gens: dict[str, torch.Generator], stats: dict[str, float]):
+        self.gens, self.stats = gens, stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gens": {k: g.get_state() for k, g in self.gens.items()}, "stats": dict(self.stats)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for k, st in sd["gens"].items():
+            self.gens[k].set_state(st)
+        self.stats.update(sd["stats"])
+
+
 def train_loop(ctx: Any, opt: torch.optim.Optimizer, *, epochs: float, batch_size: int, phase: str,
                gens: dict[str, torch.Generator], noise_hooks: bool = True, lr_milestones: Sequence[int] = (),
                lr_gamma: float = 0.1, mask: torch.Tensor | None = None, log_every_epoch: bool = True,
-               extra: Any = None) -> dict[str, float]:
+               extra: Any = None, resumable: bool = False) -> dict[str, float]:
     """Train `ctx.model` with `opt` on `ctx.data.train` for `epochs` (a fraction runs that share
     of one epoch's steps), under the noise hooks (`noisy_backward`). At each epoch listed in
     `lr_milestones` every param group's lr is multiplied by `lr_gamma`. `mask` (over ctx.layout)
     keeps pruned prunable weights at zero. Logs one row per epoch (with ctx.evaluate()) and
     returns the last epoch's mean training loss and accuracy. `extra()` adds fields to each row.
+
+    `resumable=True` (a loop that is the whole of a long method, e.g. gRDA's 600 epochs) saves the
+    loop's state after every whole epoch through `ctx.checkpoint` (when the task provides one):
+    model, optimizer, data order, stream generators. An attempt restarted after preemption picks
+    up after the last saved epoch and ends where an uninterrupted run would.
     """
     from tqdm.auto import tqdm
 
@@ -211,10 +241,14 @@ def train_loop(ctx: Any, opt: torch.optim.Optimizer, *, epochs: float, batch_siz
     masks = ctx.layout.unflatten(mask.to(ctx.device)) if mask is not None else None
     params = get_params(model, ctx.layout) if masks is not None else None
     milestones = {int(m) for m in lr_milestones}
-    step, stats = 0, {"train_loss": float("nan"), "train_acc": float("nan")}
+    stats = {"train_loss": float("nan"), "train_acc": float("nan")}
+    ckpt = getattr(ctx, "checkpoint", None) if resumable else None
+    stateful = (opt, model, _LoopState(gens, stats))
+    start = ckpt.resume(phase, loader, *stateful) if ckpt is not None else 0
+    step = min(start * steps_per_epoch, total)
     model.train()
-    bar = tqdm(total=total, desc=phase, leave=False, disable=not ctx.progress)
-    for epoch in range(n_epochs):
+    bar = tqdm(total=total, initial=step, desc=phase, leave=False, disable=not ctx.progress)
+    for epoch in range(start, n_epochs):
         if epoch in milestones:
             for pg in opt.param_groups:
                 pg["lr"] = float(pg["lr"]) * lr_gamma
@@ -230,7 +264,7 @@ def train_loop(ctx: Any, opt: torch.optim.Optimizer, *, epochs: float, batch_siz
             n += y.numel()
             step += 1
             bar.update(1)
-        stats = {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
+        stats.update(train_loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1))
         if log_every_epoch and ctx.log is not None:
             row = {"phase": phase, "epoch": epoch + 1, **stats, "lr": float(opt.param_groups[0]["lr"])}
             if extra is not None:
@@ -239,5 +273,7 @@ def train_loop(ctx: Any, opt: torch.optim.Optimizer, *, epochs: float, batch_siz
                 row.update(ctx.evaluate())
             ctx.log(row)
             model.train()
+        if ckpt is not None and (epoch + 1) * steps_per_epoch <= total:
+            ckpt.save(phase, epoch + 1, loader, *stateful)
     bar.close()
-    return stats
+    return dict(stats)

@@ -437,7 +437,8 @@ class Job:
         mcfg = methods.make_config(name, method_params(self.cfg))
         ctx = TrainContext(model=self.model, layout=self.layout, data=self.data, device=self.device,
                            sparsity=target, generator=generator(int(self.cfg.seed), "method/1"),
-                           noise=self.noise, progress=self.progress, log=self.log, evaluate=self.eval_now)
+                           noise=self.noise, progress=self.progress, log=self.log, evaluate=self.eval_now,
+                           checkpoint=MethodCheckpoint(self))
         t0 = time.perf_counter()
         res = methods.get(name).run(ctx, mcfg)
         self.model = ctx.model  # a structured method may return a physically smaller model
@@ -515,6 +516,23 @@ class Job:
         lines.append("time     " + "  ".join(f"{k} {v:.1f}s" for k, v in t.items()))
         lines.append(f"record   {self.record.path}")
         self.say("\n".join(lines))
+
+
+class MethodCheckpoint:
+    """A train-time method's view of the job's stage checkpoint: its loop `phase` saves boundaries
+    "method/<phase>/<epoch>" with the loop's state, and a restarted attempt resumes after the last."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def resume(self, phase: str, loader: Any, *stateful: Any) -> int:
+        start = self.job.ckpt.resume_loop(f"method/{phase}", loader, *stateful)
+        if start:
+            self.job.say(f"resume: method loop '{phase}' continues after epoch {start}")
+        return start
+
+    def save(self, phase: str, epoch: int, loader: Any, *stateful: Any) -> None:
+        self.job.ckpt.save(self.job, f"method/{phase}/{epoch}", loader, *stateful)
 
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:

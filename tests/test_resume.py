@@ -71,6 +71,12 @@ CASES = {
                                    "dataset.batch_size=256"], "stage1_finetune/1"),
     "gradual-epoch": (["schedule=gradual", "schedule.epochs=3", "schedule.end=1", "dataset.batch_size=256"],
                       "gradual/1"),
+    # a train-time method's own loop (gRDA: 600 epochs in the VGG-16 study), from scratch under
+    # gradient noise, with an lr milestone after the interruption: the model, GRDA's accumulators
+    # and step count (its threshold schedule), the data order and the noise draws all resume
+    "grda-epoch": (["method=grda", "method.epochs=3", "method.batch_size=256", "method.init=scratch",
+                    "method.lr_milestones=[2]", "noise=gradient"], "method/grda/1"),
+    "sdprun-epoch": (["method=sdprun", "method.epochs=2", "method.batch_size=256"], "method/sdprun/1"),
 }
 
 

@@ -42,7 +42,8 @@ class TrainContext:
     """What a train-time method (gfs, grda, sdprun) needs: the model, its data and the run's knobs.
 
     `log(row)` appends a row to the run's metrics stream (and W&B when enabled); `evaluate()` gives
-    test accuracy and loss of the current model.
+    test accuracy and loss of the current model. `checkpoint` (set by the task) lets a long
+    training loop save and resume its state at epoch boundaries (`pruning.optim.train_loop`).
     """
 
     model: torch.nn.Module
@@ -55,3 +56,5 @@ class TrainContext:
     progress: bool = True
     log: Any = None                      # Callable[[dict], None]
     evaluate: Any = None                 # Callable[[], dict[str, float]]
+    checkpoint: Any = None               # MethodCheckpoint-like: resume(phase, loader, *stateful) -> epoch,
+                                         # save(phase, epoch, loader, *stateful) (pruning.task)

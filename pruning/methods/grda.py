@@ -147,7 +147,7 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
 
     stats = train_loop(ctx, opt, epochs=cfg.epochs, batch_size=cfg.batch_size, phase="grda", gens=gens,
                        noise_hooks=cfg.noise_hooks, lr_milestones=list(cfg.lr_milestones or []),
-                       lr_gamma=cfg.lr_gamma, extra=extra)
+                       lr_gamma=cfg.lr_gamma, extra=extra, resumable=True)
     w = get_flat(model, ctx.layout)
     mask = w != 0
     example = example_input(ctx)

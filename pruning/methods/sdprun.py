@@ -94,7 +94,7 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
 
     stats = train_loop(ctx, opt, epochs=cfg.epochs, batch_size=cfg.batch_size, phase="sdprun", gens=gens,
                        noise_hooks=cfg.noise_hooks, lr_milestones=list(cfg.lr_milestones or []),
-                       lr_gamma=cfg.lr_gamma, extra=extra)
+                       lr_gamma=cfg.lr_gamma, extra=extra, resumable=True)
     report, keep = structured.zeros_report(model, example, groups)
     info: dict[str, Any] = {
         "threshold": opt.threshold(0),

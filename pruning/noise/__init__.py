@@ -69,6 +69,14 @@ class NoiseModel:
     def level(self) -> float:
         return 0.0
 
+    def state_dict(self) -> dict[str, Any]:
+        """Running measurements a resumed run must carry on from (saved with the stage checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
     def bind(self, data: Any) -> None:
         """Called once the run's data is loaded (`DataBundle`), before any hook; e.g. attacks take
         the valid input range `data.bounds` from it."""

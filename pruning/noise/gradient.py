@@ -122,6 +122,10 @@ class GradientNoise(NoiseModel):
     def level(self) -> float:
         return float(self.cfg.kappa)
 
+    def state_dict(self) -> dict[str, Any]:
+        # the measured SNR accumulates over every noised row of the run, across resumed attempts
+        return {"_noise_power": self._noise_power, "_signal_power": self._signal_power, "_rows": self._rows}
+
     def gradients(self, G: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Noise added to G in place (the task's G is a fresh tensor nobody else holds)."""
         c = self.cfg
