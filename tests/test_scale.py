@@ -209,7 +209,9 @@ def test_stream_memory_does_not_grow_with_n():
     mem = _growth(256, "memory")
     assert mem["built"] > 0.9 * mem["g_bytes"], mem  # the probe does see G when it is resident
     block = 4 * 256 * (1 << 16)
-    assert big["built"] - small["built"] < 32 * 2**20, (small, big)  # independent of N (+ slack)
+    # independent of N: G grows by 450 MB from N = 32 to 256; the slack absorbs the allocator's
+    # jitter (up to ~16 MB seen on a quiet machine, more under memory pressure)
+    assert big["built"] - small["built"] < 64 * 2**20, (small, big)
     assert big["built"] < mem["built"] - 0.8 * big["g_bytes"], (big, mem)  # G is not resident
     assert big["products"] < big["built"] + 2 * block, big
     assert big["growth"] < big["built"] + 6 * block, big
