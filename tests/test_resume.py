@@ -77,6 +77,9 @@ CASES = {
     "grda-epoch": (["method=grda", "method.epochs=3", "method.batch_size=256", "method.init=scratch",
                     "method.lr_milestones=[2]", "noise=gradient"], "method/grda/1"),
     "sdprun-epoch": (["method=sdprun", "method.epochs=2", "method.batch_size=256"], "method/sdprun/1"),
+    # GFS saves after every selected layer (weights after its fine-tuning, channel scales, streams)
+    "gfs-layer": (["method=gfs", "method.budget=width", "method.width=0.5", "method.num_evaluate=8",
+                   "method.finetune_batch_size=256"], "method/gfs/1"),
 }
 
 

@@ -258,6 +258,28 @@ def uniform_widths(model: nn.Module, groups: Sequence[structured.ChannelGroup], 
 
 
 # ---------------------------------------------------------------------------------- run
+class _SelectionState:
+    """What a requeued GFS run needs to continue after its last finished layer: the weights (the
+    per-layer fine-tuning changes them), the channel scales chosen so far, the random streams and
+    the running count of selected channels. Saved after every layer through `ctx.checkpoint`."""
+
+    def __init__(self, model: nn.Module, masker: structured.ChannelMasker, gens: dict[str, torch.Generator]):
+        self.model, self.masker, self.gens, self.selected = model, masker, gens, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "scales": dict(self.masker.scales),
+                "gens": {k: g.get_state() for k, g in self.gens.items()}, "selected": self.selected}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        device = next(self.model.parameters()).device
+        for name, scale in sd["scales"].items():
+            self.masker.set(name, None if scale is None else scale.to(device))
+        for k, st in sd["gens"].items():
+            self.gens[k].set_state(st)
+        self.selected = int(sd["selected"])
+
+
 def run(ctx: TrainContext, cfg: Config) -> PruneResult:
     model = ctx.model
     gens = stream_generators(ctx.generator)
@@ -315,9 +337,13 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
     info: dict[str, Any] = {"budget": cfg.budget}
     if targets is not None and cfg.budget in ("flops", "params"):
         info["budget_reachable"] = reachable
-    total_sel = 0
+    state = _SelectionState(model, masker, gens)
+    ckpt = getattr(ctx, "checkpoint", None)
+    done = ckpt.resume("gfs", None, state) if ckpt is not None else 0  # layers finished before a requeue
     try:
-        for g in tqdm(chosen, desc="gfs layers", leave=False, disable=not ctx.progress):
+        for li, g in enumerate(tqdm(chosen, desc="gfs layers", leave=False, disable=not ctx.progress)):
+            if li < done:
+                continue
             model.eval()
             scorer = LayerScorer(gm, g, chunk=cfg.candidate_chunk)
             with masker.disabled(g.name), torch.no_grad():
@@ -336,7 +362,7 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
                 scale = None if len(selected) >= g.size else alpha_scale(selected, g.size).to(ctx.device)
                 loss, top1 = eval_cached(scorer, cached, scale if scale is not None else torch.ones(g.size))
             masker.set(g.name, scale)
-            total_sel += len(selected)
+            state.selected += len(selected)
             row = {"phase": "gfs", "layer": g.name, "kept": len(selected), "width": g.size,
                    "init_loss": init_loss, "init_top1": init_top1, "loss": loss, "top1": top1}
             if scale is not None and cfg.layer_finetune_epochs > 0:
@@ -346,6 +372,8 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
                 row.update(finetuned_loss=ft_loss, finetuned_top1=ft_top1)
             if ctx.log is not None:
                 ctx.log(row)
+            if ckpt is not None:
+                ckpt.save("gfs", li + 1, None, state)
         if cfg.final_finetune_epochs > 0:
             _finetune(ctx, cfg, cfg.final_finetune_epochs, gens, "gfs_final_finetune", log=True)
     finally:
@@ -371,7 +399,7 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
         w = get_flat(model, ctx.layout)
         mask = structured.channel_mask(ctx.layout, groups, keep, w.device)
     info.update(report)
-    info["selected_channels"] = total_sel
+    info["selected_channels"] = state.selected
     return PruneResult(w=w * mask, mask=mask, info=info)
 
 
