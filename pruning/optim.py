@@ -197,6 +197,17 @@ def stream_generators(gen: torch.Generator) -> dict[str, torch.Generator]:
     return out
 
 
+def generators_state(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    """The states of stream generators (`stream_generators`), for a checkpoint."""
+    return {k: g.get_state() for k, g in gens.items()}
+
+
+def load_generators_state(gens: dict[str, torch.Generator], states: dict[str, torch.Tensor]) -> None:
+    """Set stream generators back to states saved by `generators_state`."""
+    for k, st in states.items():
+        gens[k].set_state(st)
+
+
 class _LoopState:
     """The parts of a `train_loop` that a resumed attempt needs besides the optimizer and the
     model: the stream generators (noise draws continue where they stopped) and the last stats."""
@@ -205,11 +216,10 @@ class _LoopState:
         self.gens, self.stats = gens, stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gens": {k: g.get_state() for k, g in self.gens.items()}, "stats": dict(self.stats)}
+        return {"gens": generators_state(self.gens), "stats": dict(self.stats)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for k, st in sd["gens"].items():
-            self.gens[k].set_state(st)
+        load_generators_state(self.gens, sd["gens"])
         self.stats.update(sd["stats"])
 
 

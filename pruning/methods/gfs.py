@@ -58,7 +58,7 @@ from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
 from pruning.methods.grda import example_input
 from pruning.methods.sdprun import find_groups
-from pruning.optim import stream_generators, train_loop
+from pruning.optim import generators_state, load_generators_state, stream_generators, train_loop
 
 KIND = "train"
 NEEDS_GRADIENTS = False
@@ -268,15 +268,14 @@ class _SelectionState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "scales": dict(self.masker.scales),
-                "gens": {k: g.get_state() for k, g in self.gens.items()}, "selected": self.selected}
+                "gens": generators_state(self.gens), "selected": self.selected}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.model.load_state_dict(sd["model"])
         device = next(self.model.parameters()).device
         for name, scale in sd["scales"].items():
             self.masker.set(name, None if scale is None else scale.to(device))
-        for k, st in sd["gens"].items():
-            self.gens[k].set_state(st)
+        load_generators_state(self.gens, sd["gens"])
         self.selected = int(sd["selected"])
 
 
