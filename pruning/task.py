@@ -484,7 +484,8 @@ class Job:
         final = self.eval_now()
         stats = sparsity_stats(self.model, self.layout)
         extra = self.noise.evaluate(self.model, self.data, self.layout, self.mask, self.device,
-                                    generator(int(self.cfg.seed), "noise/eval"), int(self.cfg.eval.batch_size))
+                                    generator(int(self.cfg.seed), "noise/eval"), int(self.cfg.eval.batch_size),
+                                    num_workers=self.num_workers)
         self.record.update_metrics(final_acc=final["acc"], final_loss=final["loss"], **stats, **extra)
         self.log({"phase": "final", **final, **stats})
 

@@ -12,11 +12,12 @@ Keys (one module and one `conf/noise/<kind>.yaml` each):
 A noise model acts at up to four hook points of a run (after `bind(data)`, called once the run's
 data is loaded). The task passes each hook its own generator, derived from the run seed and a
 stream name (`pruning.task.generator`):
-  calibration_inputs(model, x, y, gen) -> x          inputs used to compute G     "noise/<stage>/inputs"
+  calibration_inputs(model, x, y, gen) -> x          inputs used to compute G,    "noise/<stage>/inputs/<block>"
+                                                     one block of rows at a time
   calibration_weights(model, layout, mask, gen)      context manager: weights     "noise/<stage>/weights"
                                                      used to compute G, restored after
   gradients(G, gen) -> G                             rows of the dense G (N x p)  "noise/<stage>/gradients"
-  evaluate(model, data, layout, mask, device, gen)   extra final metrics          "noise/eval"
+  evaluate(model, data, layout, mask, device, gen, batch_size, num_workers)  extra final metrics  "noise/eval"
 Paired draws: every random number comes from the generator passed in (never the global RNG),
 and how many numbers a hook draws depends only on shapes, never on the weights or the mask, so
 methods compared in one sweep see the same noise for one seed.
@@ -94,7 +95,8 @@ class NoiseModel:
         return G
 
     def evaluate(self, model: nn.Module, data: Any, layout: Any, mask: torch.Tensor,
-                 device: torch.device, gen: torch.Generator, batch_size: int = 512) -> dict[str, Any]:
+                 device: torch.device, gen: torch.Generator, batch_size: int = 512,
+                 num_workers: int = 0) -> dict[str, Any]:
         return {}
 
     def record(self) -> dict[str, Any]:

@@ -205,7 +205,8 @@ class AdversarialNoise(NoiseModel):
         return out
 
     def evaluate(self, model: nn.Module, data: Any, layout: Any, mask: torch.Tensor, device: torch.device,
-                 gen: torch.Generator, batch_size: int = 512) -> dict[str, Any]:
+                 gen: torch.Generator, batch_size: int = 512,
+                 num_workers: int = 0) -> dict[str, Any]:
         c = self.cfg
         if "eval" not in c.apply_to:
             return {}
@@ -215,7 +216,8 @@ class AdversarialNoise(NoiseModel):
             def transform(x: torch.Tensor, y: torch.Tensor, eps: float = eps) -> torch.Tensor:
                 return self.perturb(model, x, y, eps, gen, bounds)
 
-            ev = evaluate_model(model, data.test, device, batch_size, transform=transform if eps > 0 else None)
+            ev = evaluate_model(model, data.test, device, batch_size, transform=transform if eps > 0 else None,
+                                num_workers=num_workers)
             out[f"robust_acc@eps={metric_number(eps)}"] = ev["acc"]
             out[f"robust_loss@eps={metric_number(eps)}"] = ev["loss"]
         return out

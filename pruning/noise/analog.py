@@ -324,7 +324,8 @@ class AnalogNoise(NoiseModel):
             set_flat(model, layout, w)
 
     def evaluate(self, model: nn.Module, data: Any, layout: ParamLayout, mask: torch.Tensor,
-                 device: torch.device, gen: torch.Generator, batch_size: int = 512) -> dict[str, Any]:
+                 device: torch.device, gen: torch.Generator, batch_size: int = 512,
+                 num_workers: int = 0) -> dict[str, Any]:
         c = self.cfg
         if "eval" not in c.apply_to:
             return {}
@@ -338,7 +339,7 @@ class AnalogNoise(NoiseModel):
                 for t in c.t_inference:
                     noisy = layout.flatten(array.read(t, gen))
                     set_flat(model, layout, noisy)
-                    ev = evaluate_model(model, data.test, device, batch_size)
+                    ev = evaluate_model(model, data.test, device, batch_size, num_workers=num_workers)
                     rows[t].append((ev["acc"], ev["loss"], float((noisy - w).norm()) / norm))
         finally:
             set_flat(model, layout, w)

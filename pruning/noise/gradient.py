@@ -139,7 +139,8 @@ class GradientNoise(NoiseModel):
         return G
 
     def evaluate(self, model: Any, data: Any, layout: Any, mask: torch.Tensor, device: torch.device,
-                 gen: torch.Generator, batch_size: int = 512) -> dict[str, Any]:
+                 gen: torch.Generator, batch_size: int = 512,
+                 num_workers: int = 0) -> dict[str, Any]:
         """Measured noise-to-signal power over every G drawn in the run (nothing if none was)."""
         if self._rows == 0:
             return {}
