@@ -9,6 +9,10 @@ For MLPNet 784-40-20-10 (no bias) and ResNet-20 (the public CIFAR-10 checkpoint 
   floor    a plain batched forward + backward over the same N samples, in the same chunks,
            w.r.t. the prunable weights (what one mini-batch gradient costs: the lower bound)
   G        `compute_gradient_matrix` (vmap of grad of functional_call, rows written into blocks)
+  G torchBN  the same with eval-mode BatchNorm left to torch under vmap (what the affine fast
+           path `pruning.gradients.affine_batchnorm` saves)
+  vmap     the same vmap pass with every chunk of rows dropped instead of stored: G minus
+           materialising it (page faults of N x p fresh floats and the copy into the blocks)
   stream   the same in `stream` mode (one pass per tensor into memory-mapped files)
   loop     a Python loop of N per-sample autograd.grad calls (the naive reference)
   write    allocating and filling an N x p float32 matrix: the unavoidable cost of producing G
@@ -26,6 +30,7 @@ the step runs (sampled every 2 ms).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import tempfile
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from benchlib import RESNET20_CHECKPOINT, PeakRSS  # sibling module of this script
 from torch import nn
 
+from pruning import gradients
 from pruning.gradients import compute_gradient_matrix
 from pruning.layout import ParamLayout, get_params, make_layout
 from pruning.methods.woodfisher import BlockInverse, fisher_inverse_rank1
@@ -95,6 +101,18 @@ def resnet20() -> tuple[nn.Module, tuple[int, ...], str] | None:
 
 
 # ------------------------------------------------------------------------------ G variants
+@contextlib.contextmanager
+def torch_batchnorm() -> Any:
+    """Inside: G's builder leaves eval-mode BatchNorm to torch (no affine fast path), to show
+    what `pruning.gradients.affine_batchnorm` saves, side by side."""
+    saved = gradients.affine_batchnorm
+    gradients.affine_batchnorm = lambda model: contextlib.nullcontext([])
+    try:
+        yield
+    finally:
+        gradients.affine_batchnorm = saved
+
+
 def floor(model: nn.Module, layout: ParamLayout, x: torch.Tensor, y: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     """Plain batched forward + backward of the summed loss, same chunks, eval mode."""
     model.eval()
@@ -127,6 +145,12 @@ def bench_g(name: str, model: nn.Module, shape: tuple[int, ...], n: int, chunk: 
     floor(model, layout, x[:4], y[:4], 4)
     fl = measure(lambda: floor(model, layout, x, y, chunk), repeats)
     gm = measure(lambda: compute_gradient_matrix(model, layout, x, y, chunk_size=chunk), repeats)
+    src = gradients.TensorRows(x, y, 1)
+    vp = measure(lambda: gradients._row_gradients(model, layout, src, layout.names, lambda s, e, g: None,
+                                                  chunk_size=chunk, loss_fn=F.cross_entropy, progress=False), repeats)
+    with torch_batchnorm():  # the same G with BatchNorm as torch runs it under vmap
+        gb = measure(lambda: compute_gradient_matrix(model, layout, x, y, chunk_size=chunk), repeats)
+    gb.result = None
     G = gm.result.dense()
     gm.result = None
     with tempfile.TemporaryDirectory(prefix="bench-grads-") as tmp:
@@ -141,7 +165,9 @@ def bench_g(name: str, model: nn.Module, shape: tuple[int, ...], n: int, chunk: 
     # whose pre-activation is ~1e-7 (the float64 gradient itself jumps by ~1e-2 there)
     lp_err = float(((lp.result - G[:loop_n]).norm(dim=1) / G[:loop_n].norm(dim=1).clamp_min(1e-30)).median())
     lp_seconds = lp.seconds * n / loop_n  # extrapolated when the loop ran on fewer samples
-    row = {"model": name, "N": n, "p": layout.numel, "chunk": chunk, "floor": fl, "G": gm, "stream": st, "write": wr,
+    row = {"model": name, "N": n, "p": layout.numel, "chunk": chunk, "floor": fl, "G": gm, "G_bn": gb, "vmap": vp,
+           "stream": st,
+           "write": wr,
            "loop": lp, "loop_seconds": lp_seconds, "loop_n": loop_n, "loop_err": lp_err, "stream_err": st_err,
            "G_mb": n * layout.numel * 4 / 2**20}
     return row, G, layout
@@ -214,17 +240,19 @@ def main(argv: list[str] | None = None) -> None:
         del G
 
     print("\nGradient matrix G (ratios: G time / other time; < 1 means G is faster)")
-    hdr = (f"{'model':10} {'N':>5} {'p':>7} {'chunk':>5} {'floor':>9} {'write':>9} {'G':>9} {'stream':>9} {'loop':>9}  "
-           f"{'G/floor':>7} {'G/max(floor,write)':>18} {'G/loop':>7} {'stream/floor':>12}  "
+    hdr = (f"{'model':10} {'N':>5} {'p':>7} {'chunk':>5} {'floor':>9} {'write':>9} {'G':>9} {'G torchBN':>9} "
+           f"{'vmap':>9} {'stream':>9} {'loop':>9}  "
+           f"{'G/floor':>7} {'torchBN/floor':>13} {'vmap/floor':>10} {'G/max(floor,write)':>18} {'G/loop':>7} {'stream/floor':>12}  "
            f"{'peak MB floor/G/stream/loop':>27} {'G MB':>5}  err(loop, median row) err(stream)")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        fl, g, st, lp, wr = r["floor"], r["G"], r["stream"], r["loop"], r["write"]
+        fl, g, gb, vp, st, lp, wr = r["floor"], r["G"], r["G_bn"], r["vmap"], r["stream"], r["loop"], r["write"]
         loop_s = fmt_s(r["loop_seconds"]) + ("*" if r["loop_n"] < r["N"] else " ")
         peaks = f"{fl.peak_mb:.0f}/{g.peak_mb:.0f}/{st.peak_mb:.0f}/{lp.peak_mb:.0f}"
         print(f"{r['model']:10} {r['N']:>5} {r['p']:>7} {r['chunk']:>5} {fmt_s(fl.seconds)} {fmt_s(wr.seconds)} "
-              f"{fmt_s(g.seconds)} {fmt_s(st.seconds)} {loop_s}{g.seconds / fl.seconds:7.2f}x "
+              f"{fmt_s(g.seconds)} {fmt_s(gb.seconds)} {fmt_s(vp.seconds)} {fmt_s(st.seconds)} {loop_s}"
+              f"{g.seconds / fl.seconds:7.2f}x {gb.seconds / fl.seconds:12.2f}x {vp.seconds / fl.seconds:9.2f}x "
               f"{g.seconds / max(fl.seconds, wr.seconds):17.2f}x {g.seconds / r['loop_seconds']:6.3f}x "
               f"{st.seconds / fl.seconds:11.2f}x  {peaks:>27} {r['G_mb']:5.0f}  {r['loop_err']:.1e}               "
               f"{r['stream_err']:.1e}")
