@@ -162,3 +162,28 @@ def test_num_workers_is_validated(make_cfg):
         validate(make_cfg("+dataset.num_workers=-1"))
     with pytest.raises(ConfigError, match="calibration.sub_batch"):
         validate(make_cfg("calibration.sub_batch=0"))
+
+
+def test_imagenet_job_streams_decoded_rows_with_loader_processes(make_cfg, tmp_path):
+    """End to end on real ImageFolder files (JPEG/PNG decoded by torchvision): a WoodFisher job
+    with mini-batch rows, sub-batches and two loader processes gives the G, and the pruned model,
+    of the same job read in-process without sub-batches."""
+    import json
+
+    from test_data import write_imagefolder
+
+    from pruning.task import run
+
+    data = tmp_path / "data"
+    write_imagefolder(data, {"n01440764": 8, "n01443537": 8}, "train", 0)
+    write_imagefolder(data, {"n01440764": 3, "n01443537": 3}, "val", 1)
+    common = ("model=resnet20", "model.train.epochs=1", "model.train.batch_size=8", "model.train.milestones=[1]",
+              "dataset=imagenet", "dataset.image_size=16", "dataset.resize_size=20", "dataset.batch_size=8",
+              "method=woodfisher", "sparsity=0.5", "calibration.num_samples=6", "calibration.mini_batch=2",
+              "calibration.chunk_size=4", "calibration.cache=false")
+    a = run(make_cfg(*common, "dataset.num_workers=2", "calibration.sub_batch=1"), tmp_path / "workers")
+    b = run(make_cfg(*common, "dataset.num_workers=0"), tmp_path / "in_process")
+    assert a["status"] == b["status"] == "completed"
+    ma, mb = (json.loads((tmp_path / d / "result.json").read_text())["metrics"] for d in ("workers", "in_process"))
+    assert ma["pruned_loss"] == pytest.approx(mb["pruned_loss"], rel=1e-5)
+    assert ma["sparsity_prunable"] == mb["sparsity_prunable"] == pytest.approx(0.5, abs=1e-4)
