@@ -246,3 +246,14 @@ def test_affine_batchnorm_leaves_batch_statistics_alone():
         assert patched == [net[0]]
         raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in net)  # restored on error too
+
+
+def test_rows_match_the_loop_when_batchnorm_parameters_are_prunable():
+    """The affine BatchNorm path reads the module's weight and bias at call time, so rows over
+    BatchNorm parameters (swapped in by functional_call) are differentiated too."""
+    model = conv_bn()
+    layout = make_layout(model, ["*"])  # every parameter, BatchNorm's weight and bias included
+    assert any("1.weight" == n for n in layout.names)
+    x, y = data((2, 5, 5), 10, 5, seed=5)
+    G = compute_gradient_matrix(model, layout, x, y, chunk_size=4).dense()
+    assert rel_err(G, loop_reference(model, layout, x, y, 1)) < 1e-5
