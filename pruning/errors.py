@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -12,3 +13,11 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         what = problem or "is not allowed"
         super().__init__(f"{key}={value!r} {what}; allowed: {allowed}")
+
+
+def choice(value: Any, key: str, allowed: Iterable[str]) -> str:
+    """`value` if it is one of `allowed`, else a ConfigError naming `key` and the choices."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(key, value, ", ".join(allowed))
+    return str(value)

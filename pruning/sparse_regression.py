@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, choice
 from pruning.layout import topk_mask
 
 ALGORITHMS = ("active_iht", "iht", "backsolve")
@@ -438,8 +438,7 @@ class PlanRegression:
 
     def __init__(self, y: torch.Tensor, w_bar: torch.Tensor, lam: float, plan: Plan,
                  direction: str = "paper", offset: float = 0.0):
-        if direction not in DIRECTIONS:
-            raise ConfigError("method.direction", direction, ", ".join(DIRECTIONS))
+        choice(direction, "method.direction", DIRECTIONS)
         self.y, self.w_bar, self.lam, self.plan, self.direction = y, w_bar, float(lam), plan, direction
         self.n = int(y.numel())
         self.nlam = self.n * self.lam
@@ -514,12 +513,9 @@ class SolverConfig:
     precision: str = "auto"          # auto (G's dtype) | float32 | float64
 
     def validate(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError("method.algorithm", self.algorithm, ", ".join(ALGORITHMS))
-        if self.precision not in PRECISIONS:
-            raise ConfigError("method.precision", self.precision, ", ".join(PRECISIONS))
-        if self.backsolve_support not in BACKSOLVE_SUPPORTS:
-            raise ConfigError("method.backsolve_support", self.backsolve_support, ", ".join(BACKSOLVE_SUPPORTS))
+        choice(self.algorithm, "method.algorithm", ALGORITHMS)
+        choice(self.precision, "method.precision", PRECISIONS)
+        choice(self.backsolve_support, "method.backsolve_support", BACKSOLVE_SUPPORTS)
         if not (isinstance(self.lam, int | float) and self.lam >= 0 and math.isfinite(self.lam)):
             raise ConfigError("method.lam", self.lam, "a finite number >= 0")
         for key in ("max_iter", "active_set_rounds", "step_search", "outlier_search", "power_iters"):

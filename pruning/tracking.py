@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, choice
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -178,8 +178,7 @@ def build_tracker(cfg: Mapping[str, Any]) -> Tracker:
         return Tracker()
     if name == "wandb":
         mode = str(cfg.get("mode") or "offline")
-        if mode not in WANDB_MODES:
-            raise ConfigError("logger.mode", mode, ", ".join(WANDB_MODES))
+        choice(mode, "logger.mode", WANDB_MODES)
         if mode == "disabled":
             return Tracker()
         return WandbTracker(cfg)

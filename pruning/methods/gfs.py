@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from pruning import flops, structured
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, choice
 from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
 from pruning.methods.grda import example_input
@@ -87,8 +87,7 @@ class Config:
     noise_hooks: bool = True
 
     def validate(self) -> None:
-        if self.budget not in BUDGETS:
-            raise ConfigError("method.budget", self.budget, ", ".join(BUDGETS))
+        choice(self.budget, "method.budget", BUDGETS)
         for key in ("top1_tol", "skip_eval_converge"):
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, choice
 from pruning.methods.base import PruneResult, PruningProblem
 from pruning.methods.lr import regression_problem, solve_info
 from pruning.sparse_regression import (
@@ -97,14 +97,10 @@ class Config(SolverConfig):
         eps = self.epsilon
         if isinstance(eps, bool) or not isinstance(eps, int | float) or math.isnan(eps) or eps < 0:
             raise ConfigError("method.epsilon", eps, "a number >= 0, or inf")
-        if self.epsilon_units not in EPSILON_UNITS:
-            raise ConfigError("method.epsilon_units", self.epsilon_units, ", ".join(EPSILON_UNITS))
-        if self.direction not in DIRECTIONS:
-            raise ConfigError("method.direction", self.direction, ", ".join(DIRECTIONS))
-        if self.plan not in PLANS:
-            raise ConfigError("method.plan", self.plan, ", ".join(PLANS))
-        if self.sinkhorn_method not in SINKHORN_METHODS:
-            raise ConfigError("method.sinkhorn_method", self.sinkhorn_method, ", ".join(SINKHORN_METHODS))
+        choice(self.epsilon_units, "method.epsilon_units", EPSILON_UNITS)
+        choice(self.direction, "method.direction", DIRECTIONS)
+        choice(self.plan, "method.plan", PLANS)
+        choice(self.sinkhorn_method, "method.sinkhorn_method", SINKHORN_METHODS)
         if not isinstance(self.sinkhorn_max_iter, int) or self.sinkhorn_max_iter < 1:
             raise ConfigError("method.sinkhorn_max_iter", self.sinkhorn_max_iter, "an integer >= 1")
         if not self.sinkhorn_tol > 0:
@@ -140,8 +136,7 @@ def sinkhorn_plan(y: torch.Tensor, yhat: torch.Tensor, epsilon: float, method: s
 
     if not epsilon > 0 or math.isinf(epsilon):
         raise ValueError(f"epsilon={epsilon} must be finite and > 0 for Sinkhorn")
-    if method not in SINKHORN_METHODS:
-        raise ConfigError("method.sinkhorn_method", method, ", ".join(SINKHORN_METHODS))
+    choice(method, "method.sinkhorn_method", SINKHORN_METHODS)
     # numpy arrays: POT's numpy backend runs the log-domain iterations several times faster
     # than its torch backend on CPU, and N <= a few thousand
     M = cost_matrix(y, yhat).cpu().numpy()

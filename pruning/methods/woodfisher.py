@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, choice
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, select_mask
 from pruning.methods.base import PruneResult, PruningProblem
@@ -69,8 +69,7 @@ def validate_common(cfg: Config) -> None:
         raise ConfigError("method.block_size", bs, "null (G's blocks), a positive integer, full")
     if getattr(cfg, "inverse", "auto") not in INVERSES:
         raise ConfigError("method.inverse", cfg.inverse, ", ".join(INVERSES))
-    if cfg.dtype not in DTYPES:
-        raise ConfigError("method.dtype", cfg.dtype, ", ".join(DTYPES))
+    choice(cfg.dtype, "method.dtype", DTYPES)
 
 
 def method_blocks(layout: ParamLayout, G: GradientMatrix, block_size: int | str | None) -> list[slice]:

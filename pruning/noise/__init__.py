@@ -185,13 +185,6 @@ def numbers(value: Any, key: str, lo: float | None = None, hi: float | None = No
     return tuple(number(v, f"{key}[{i}]", lo, hi) for i, v in enumerate(items))
 
 
-def choice(value: Any, key: str, allowed: Iterable[str]) -> str:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(key, value, ", ".join(allowed))
-    return str(value)
-
-
 def apply_to(value: Any, key: str, allowed: Iterable[str] = ("calibration", "eval")) -> tuple[str, ...]:
     """A list of hook names (a single name or an empty list are fine)."""
     allowed = tuple(allowed)

@@ -43,11 +43,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, choice
 from pruning.noise import (
     NoiseModel,
     apply_to,
-    choice,
     draw_normal,
     draw_uniform,
     integer,

@@ -55,12 +55,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, choice
 from pruning.layout import ParamLayout, get_flat, set_flat
 from pruning.noise import (
     NoiseModel,
     apply_to,
-    choice,
     draw_normal,
     integer,
     metric_number,
