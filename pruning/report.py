@@ -355,6 +355,41 @@ def comparison_table(summary: pd.DataFrame, dense: pd.DataFrame, metric: str,
     return markdown_table(["sparsity", "dense", *methods], rows)
 
 
+def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str, Any],
+                    metric: str) -> str | None:
+    """Markdown: ours beside the published numbers (`pruning.published`) for a noise-free setting
+    whose model, dataset and schedule have a published table; None otherwise. Ours in percent
+    (x100) when the metric is an accuracy fraction."""
+    from pruning.published import find_table
+
+    if not metric.endswith("acc") or key.get("noise_label") not in ("none", None, ""):
+        return None
+    table = find_table(key.get("model"), key.get("dataset"), key.get("schedule"))
+    if table is None:
+        return None
+    rows = []
+    d = dense.dropna(subset=["mean"]) if not dense.empty else dense
+    if not d.empty:
+        ours = 100 * float((d["mean"] * d["n"]).sum() / d["n"].sum())
+        rows.append(["dense", "–", f"{ours:.2f}", f"{table.dense:.2f}", f"{ours - table.dense:+.2f}"])
+    for r in summary.sort_values(["sparsity", "method_label"]).itertuples():
+        method = str(r.method_label).split("[", 1)[0]
+        pub = table.value(method, float(r.sparsity))
+        if pub is None or r.n == 0 or math.isnan(r.mean):
+            continue
+        ours = 100 * float(r.mean)
+        spread = f" ± {100 * float(r.std):.2f}" if r.n > 1 and not math.isnan(r.std) else ""
+        mark = "≈" if table.is_approx(method, float(r.sparsity)) else ""
+        rows.append([_g(float(r.sparsity)), r.method_label, f"{ours:.2f}{spread} (n={int(r.n)})",
+                     f"{mark}{pub:.2f}", f"{ours - pub:+.2f}"])
+    if not rows:
+        return None
+    head = (f"Published ({table.tag}): {table.source}" + (f"; {table.note}" if table.note else "")
+            + ". Accuracy in percent:")
+    return head + "\n\n" + markdown_table(["sparsity", "method", "ours", "published", "ours - published"],
+                                           rows, "llrrr")
+
+
 def paired_table(paired: pd.DataFrame, confidence: float = 0.95) -> str:
     rows = []
     for r in paired.sort_values(["sparsity", "method_label"]).itertuples():
@@ -418,6 +453,9 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
     for key, grp in summary.groupby(SETTING_COLS + ["noise_level"], dropna=False, sort=True):
         k = dict(zip(SETTING_COLS + ["noise_level"], key))
         out += ["", f"## {_setting_title(k)}", "", comparison_table(grp, _select(dense, k), metric, reference)]
+        published = published_table(grp, _select(dense, k), k, metric)
+        if published:
+            out += ["", published]
         sub = _select(paired, k)
         if not sub.empty:
             out += ["", f"Paired differences vs `{reference}` (same cell and seed: shared calibration "

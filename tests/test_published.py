@@ -1,0 +1,49 @@
+"""Published numbers beside ours in the report (issue 13): the lookup, the arithmetic of the
+side-by-side table, and that noisy or unmatched settings get no published column."""
+
+from __future__ import annotations
+
+import pytest
+
+from pruning.published import TABLES, find_table
+from pruning.report import render_markdown, to_frame
+
+
+def _row(method: str, sparsity: float, seed: int, acc: float, dense: float = 0.94, noise: str = "none",
+         model: str = "mlpnet") -> dict:
+    return {"sweep": "t", "model": model, "dataset": "mnist", "method": method, "method_label": method,
+            "schedule": "oneshot", "noise": noise, "noise_level": 0.0 if noise == "none" else 1.0,
+            "noise_label": noise if noise == "none" else f"{noise}(1)", "variant": "",
+            "sparsity": sparsity, "seed": seed, "status": "completed", "final_acc": acc, "dense_acc": dense,
+            "run": f"{method}-{sparsity}-{seed}", "overrides": ""}
+
+
+def test_tables_are_complete_and_in_percent():
+    for table in TABLES:
+        assert table.tag in ("verified", "RECALL")
+        assert 0 < table.dense <= 100
+        for method, cells in table.acc.items():
+            assert cells, method
+            assert all(0 <= v <= 100 and 0 <= s < 1 for s, v in cells.items())
+    cbs = find_table("mlpnet", "mnist", "oneshot")
+    assert cbs is not None and cbs.value("cbs", 0.98) == 55.45 and cbs.value("woodfisher", 0.9) == 91.69
+    assert cbs.value("lr", 0.9) is None  # CHITA on MLPNet is not published
+    assert find_table("mlpnet", "mnist", "gradual") is None
+    assert find_table("mlp", "digits", "oneshot") is None
+
+
+def test_report_puts_published_beside_ours():
+    rows = [_row("magnitude", 0.9, s, a) for s, a in enumerate((0.90, 0.91))]
+    rows += [_row("cbs", 0.98, 0, 0.5)]
+    md = render_markdown(to_frame(rows))
+    assert "Published (verified): CBS" in md
+    # magnitude at 0.9: ours mean 90.50 (std 0.71, n=2) vs published 90.30 -> +0.20
+    assert "| 0.9 | magnitude | 90.50 ± 0.71 (n=2) | 90.30 | +0.20 |" in md
+    assert "| 0.98 | cbs | 50.00 (n=1) | 55.45 | -5.45 |" in md
+    assert "| dense | – | 94.00 | 93.97 | +0.03 |" in md
+
+
+@pytest.mark.parametrize("kw", [{"noise": "gradient"}, {"model": "mlp"}])
+def test_no_published_column_for_noisy_or_unpublished_settings(kw):
+    md = render_markdown(to_frame([_row("magnitude", 0.9, 0, 0.9, **kw)]))
+    assert "Published (" not in md
