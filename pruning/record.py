@@ -156,9 +156,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
             info = {"sha256": sha256_file(tmp), "bytes": os.path.getsize(tmp)}
             atomic_write(digest_path(path), lambda f: f.write(json.dumps(info) + "\n"))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # name the file (ENOSPC from write() does not)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
