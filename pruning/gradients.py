@@ -725,7 +725,10 @@ def load_gradient_matrix(path: str | Path, layout: ParamLayout, block_size: int 
     try:
         if sha256_file(path / INDICES_FILE) != digests.get(INDICES_FILE):
             raise CorruptCache(f"{path / INDICES_FILE} does not match its sha256 in meta.json")
-        stored = torch.from_numpy(np.load(path / INDICES_FILE, allow_pickle=False))
+        try:
+            stored = torch.from_numpy(np.load(path / INDICES_FILE, allow_pickle=False))
+        except ValueError as exc:  # e.g. a pickled object array: never unpickled
+            raise CorruptCache(f"{path / INDICES_FILE} cannot be read ({exc})") from None
         if indices is not None and (stored.shape != indices.shape or not torch.equal(stored, indices.cpu())):
             raise CorruptCache(f"{path / INDICES_FILE} holds indices of shape {tuple(stored.shape)} that differ "
                                f"from the requested {tuple(indices.shape)}")
@@ -733,7 +736,8 @@ def load_gradient_matrix(path: str | Path, layout: ParamLayout, block_size: int 
     except (OSError, ValueError) as exc:
         if isinstance(exc, CorruptCache):
             raise
-        raise CorruptCache(f"{path} cannot be read ({type(exc).__name__}: {exc})") from None
+        where = getattr(exc, "filename", None) or path
+        raise CorruptCache(f"{where} cannot be read ({type(exc).__name__}: {exc})") from None
     try:
         if store.n_rows != meta.get("num_rows") or store.n_rows != stored.shape[0]:
             raise CorruptCache(f"{path} holds {store.n_rows} rows, its meta.json says {meta.get('num_rows')} "

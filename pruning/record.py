@@ -145,7 +145,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:  # e.g. ENOSPC: name the file that could not be written
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
