@@ -36,6 +36,7 @@ import json
 import os
 import random
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,6 +116,11 @@ def _plain(obj: Any) -> Any:
     so that `torch.load(weights_only=True)` reads it back (records may carry e.g. numpy floats)."""
     if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (bool, int, float, str):
         return obj
+    if isinstance(obj, OrderedDict):  # state dicts: keep the type and the modules' version metadata
+        out = OrderedDict((k, _plain(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, tuple):
