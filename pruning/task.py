@@ -252,8 +252,8 @@ class Job:
         if cache.is_file() and self.cfg.task == "prune":
             problem = verify_digest(cache)
             if problem is None:
-                try:
-                    load_weights(model, cache)
+                try:  # our own format (a Classifier state dict): tensors only, no code runs from it
+                    model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
                     self.say(f"dense model: cached {cache}")
                     return
                 except Exception as exc:  # a matching digest over a foreign file: retrain, never fail
