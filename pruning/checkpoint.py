@@ -20,6 +20,13 @@ a resumed pruning step reads G from the gradient cache instead of recomputing it
 `resume: true` semantics: completed -> skip (in `Job.run`); running or failed with a state ->
 resume; no state, `resume: false`, or a state saved for a different configuration -> from the start.
 The directory is removed when the run completes.
+
+Integrity: the file holds tensors and plain containers only (numbers, strings, lists, dicts: the
+numpy RNG state as a tensor, a structurally shrunk model as its state dict, whose shapes rebuild
+it) and is read with `torch.load(weights_only=True)`, so no code runs from it. It is written with
+a sha256 sidecar (`state.pt.sha256`, `pruning.record.atomic_write(digest=True)`) that is checked
+before the file is opened; a missing or wrong digest, a short file or an unreadable one is
+discarded with a warning (console and the record's `warnings`) and the run starts from scratch.
 """
 
 from __future__ import annotations
@@ -29,17 +36,20 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from pruning.config import NON_RESULT_KEYS
-from pruning.record import atomic_write
+from pruning.layout import make_layout
+from pruning.record import atomic_write, verify_digest
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: plain containers only (weights_only loading), sha256 sidecar
 CKPT_DIR = "ckpt"
 STATE_FILE = "state.pt"
 # config sections that decide the result (the fingerprint of a saved state); calibration keys that
@@ -75,7 +85,9 @@ def _rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # a tensor, not an ndarray: the state file is read with weights_only=True
+        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -89,7 +101,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -98,9 +111,73 @@ def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save, atomically (temp file, fsync, rename)."""
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+def _plain(obj: Any) -> Any:
+    """`obj` with numpy scalars and other number subclasses as plain Python values and tuples kept,
+    so that `torch.load(weights_only=True)` reads it back (records may carry e.g. numpy floats)."""
+    if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, OrderedDict):  # state dicts: keep the type and the modules' version metadata
+        out = OrderedDict((k, _plain(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
+        return obj.item()
+    if hasattr(obj, "__array__"):
+        return torch.as_tensor(obj)
+    return obj  # anything else: torch.save keeps it and loading reports it (the state is then a miss)
+
+
+def reshape_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give `model`'s Linear / Conv2d / BatchNorm layers the shapes of `state` (a state dict of a
+    structurally shrunk copy of the same architecture, `pruning.structured.shrink`), in place, so
+    that `load_state_dict(state)` fits; the layers' size attributes follow their weights."""
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        local = {k[len(prefix):]: v for k, v in state.items()
+                 if k.startswith(prefix) and "." not in k[len(prefix):]}
+        changed = False
+        for key, value in local.items():
+            old = getattr(mod, key, None)
+            if not isinstance(old, torch.Tensor) or old.shape == value.shape:
+                continue
+            changed = True
+            if isinstance(old, nn.Parameter):
+                setattr(mod, key, nn.Parameter(torch.empty_like(value, device=old.device, dtype=old.dtype),
+                                               requires_grad=old.requires_grad))
+            else:
+                setattr(mod, key, torch.empty_like(value, device=old.device, dtype=old.dtype))
+        if not changed:
+            continue
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, nn.Conv2d):
+            depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+            mod.out_channels = mod.weight.shape[0]
+            if depthwise:
+                mod.in_channels = mod.groups = mod.out_channels
+            else:
+                mod.in_channels = mod.weight.shape[1] * mod.groups
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            ref = mod.weight if mod.weight is not None else mod.running_mean
+            mod.num_features = ref.shape[0]
+
+
+def atomic_torch_save(obj: Any, path: Path, digest: bool = False) -> None:
+    """torch.save, atomically (temp file, fsync, rename); digest=True adds the sha256 sidecar."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True, digest=digest)
 
 
 class StageCheckpoint:
@@ -120,18 +197,24 @@ class StageCheckpoint:
         self._setup_shapes: dict[str, tuple[int, ...]] | None = None
 
     # ------------------------------------------------------------------ reading
-    def load(self) -> dict[str, Any] | None:
-        """The saved state, or None when there is none (or it cannot be read: then say why)."""
+    def load(self, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """The saved state, or None when there is none or it is not trusted: then `warn(message)`
+        (default: print) says why. The digest is checked before the file is opened, and it is
+        opened with weights_only=True: a planted pickle is neither trusted nor run."""
         if not self.path.is_file():
             return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a torn or foreign file: start over rather than fail the run
-            print(f"warning: cannot read {self.path} ({type(exc).__name__}: {exc}); starting from scratch",
-                  flush=True)
-            return None
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            print(f"warning: {self.path} has an unknown format; starting from scratch", flush=True)
+        warn = warn or (lambda msg: print(f"warning: {msg}", flush=True))
+        problem = verify_digest(self.path)
+        if problem is None:
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a foreign file with a matching digest: start over, never fail
+                problem = f"it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            else:
+                if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+                    problem = "it has an unknown format"
+        if problem is not None:
+            warn(f"discarded the saved state {self.path}: {problem}; the run starts from scratch")
             return None
         return state
 
@@ -153,7 +236,8 @@ class StageCheckpoint:
         cfg = job.cfg
         self.fingerprint = config_fingerprint(cfg)
         metrics = job.run_dir / "metrics.jsonl"
-        state = self.load() if cfg.get("resume", True) and cfg.get("task", "prune") == "prune" else None
+        resume = cfg.get("resume", True) and cfg.get("task", "prune") == "prune"
+        state = self.load(job.record.warn) if resume else None
         if state is not None and state.get("fingerprint") != self.fingerprint:
             print(f"warning: {self.path} was saved for a different configuration; starting from scratch",
                   flush=True)
@@ -179,8 +263,10 @@ class StageCheckpoint:
             return
         device = job.device
         if st.get("arch") is not None:  # the architecture changed during pruning (structured methods)
-            job.model = st["arch"]["model"].to(device)
-            job.layout = st["arch"]["layout"]
+            reshape_like(job.model, st["model"])
+            job.model.load_state_dict(st["model"])
+            job.model.to(device)
+            job.layout = make_layout(job.model, list(st["arch"]["layout"]))
         else:
             job.model.load_state_dict(st["model"])
         job.mask = st["mask"].to(device)
@@ -189,6 +275,7 @@ class StageCheckpoint:
         rec["metrics"] = dict(st["record"]["metrics"])
         rec["stages"] = list(st["record"]["stages"])
         rec["timings"] = {**st["record"]["timings"], **rec["timings"]}  # this attempt's setup time
+        rec["warnings"] = [*st["record"].get("warnings", []), *rec.get("warnings", [])]
         _set_rng_state(st["rng"])
         if st.get("noise") and hasattr(job.noise, "load_state_dict"):
             job.noise.load_state_dict(st["noise"])
@@ -217,7 +304,8 @@ class StageCheckpoint:
             self.boundaries.append(key)
         arch = None
         if self._setup_shapes is not None and _shapes(job.model) != self._setup_shapes:
-            arch = {"model": job.model, "layout": job.layout}
+            # the state dict's shapes rebuild the shrunk model (`reshape_like`); no module is pickled
+            arch = {"layout": list(job.layout.names)}
         loop = None
         if loader is not None or stateful:
             gen = getattr(loader, "generator", None)
@@ -230,17 +318,18 @@ class StageCheckpoint:
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint or config_fingerprint(job.cfg),
             "boundaries": list(self.boundaries),
-            "model": None if arch is not None else job.model.state_dict(),
+            "model": job.model.state_dict(),
             "arch": arch,
             "mask": job.mask.detach().cpu() if job.mask is not None else None,
             "step": int(job.step),
-            "record": {"metrics": rec["metrics"], "stages": rec["stages"], "timings": rec["timings"]},
+            "record": {"metrics": rec["metrics"], "stages": rec["stages"], "timings": rec["timings"],
+                       "warnings": rec.get("warnings", [])},
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
             "rng": _rng_state(),
             "loop": loop,
             "noise": job.noise.state_dict() if hasattr(job.noise, "state_dict") else {},
         }
-        atomic_torch_save(state, self.path)
+        atomic_torch_save(_plain(state), self.path, digest=True)
 
     def clear(self) -> None:
         """Remove the saved state (the run completed, or it starts over)."""

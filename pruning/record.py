@@ -10,11 +10,20 @@ Schema (version 1):
   timings    seconds per named stage
   env        package versions, git commit, host, Slurm job id
   error      error text when failed
-Every write goes to a temp file first and is then renamed, so a reader never sees half a file.
+  warnings   one line per reused file that failed its digest check and was recomputed (or a state
+             that was discarded): what was not trusted, and what was done instead
+Every write goes to a temp file first and is then renamed, so a reader never sees half a file; the
+file gets the mode a plain `open` would give it (0666 less the umask), not mkstemp's 0600.
+
+Digests: files that are reused later (stage state, dense cache) get a sidecar `<file>.sha256`
+(JSON: sha256 and size of the bytes) written with them (`atomic_write(..., digest=True)`);
+`verify_digest` checks it before the file is opened, so a garbled, truncated or planted file is
+never read.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -47,21 +56,114 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+DIGEST_SUFFIX = ".sha256"
+_HASH_CHUNK = 16 << 20  # bytes per read while hashing a file
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only a fallback)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a new regular file under the current umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def sha256_file(path: str | os.PathLike, start: int = 0, length: int | None = None) -> str:
+    """sha256 of bytes start:start+length of a file (all from `start` when length is None),
+    read in 16 MiB pieces; a file shorter than asked raises OSError (errno EIO)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = length
+        while left is None or left > 0:
+            piece = f.read(_HASH_CHUNK if left is None else min(_HASH_CHUNK, left))
+            if not piece:
+                if left is not None:
+                    raise OSError(errno.EIO, f"{path} ends {left} bytes early")
+                break
+            h.update(piece)
+            if left is not None:
+                left -= len(piece)
+    return h.hexdigest()
+
+
+def digest_path(path: str | os.PathLike) -> Path:
+    """The sidecar that holds the digest of `path`: `<path>.sha256`."""
+    path = Path(path)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def verify_digest(path: str | os.PathLike) -> str | None:
+    """None when `path` matches the digest written with it, else what is wrong (one short phrase:
+    no digest, wrong size, sha256 mismatch, unreadable). Costs one read of the file."""
+    path = Path(path)
+    try:
+        want = json.loads(digest_path(path).read_text())
+        size, sha = int(want["bytes"]), str(want["sha256"])
+    except FileNotFoundError:
+        return f"it has no digest ({digest_path(path).name} is missing)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its digest {digest_path(path).name} is unreadable ({type(exc).__name__})"
+    try:
+        have = path.stat().st_size
+        if have != size:
+            return f"it holds {have} bytes, its digest says {size}"
+        if sha256_file(path) != sha:
+            return "its sha256 does not match its digest"
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    return None
+
+
+def remove_with_digest(path: str | os.PathLike) -> None:
+    """Remove a file and its digest sidecar (missing ones are fine)."""
+    for p in (Path(path), digest_path(path)):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], binary: bool = False,
+                 digest: bool = False) -> None:
     """Call `write(f)` on a temp file in the same directory, fsync it, then rename it over `path`,
-    so a reader (or a requeued job) never sees half a file."""
+    so a reader (or a requeued job) never sees half a file. The file gets the umask's mode.
+
+    digest=True also writes `<path>.sha256` (`verify_digest`) before the rename: a crash between
+    the two leaves a file that fails its check (a miss), never an unchecked one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:  # e.g. ENOSPC: name the file that could not be written
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600: lab-mates on a shared filesystem read records
+        if digest:  # one re-read of a file that is still in the page cache
+            info = {"sha256": sha256_file(tmp), "bytes": os.path.getsize(tmp)}
+            atomic_write(digest_path(path), lambda f: f.write(json.dumps(info) + "\n"))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # name the file (ENOSPC from write() does not)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
@@ -76,11 +178,32 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or cannot be read as one."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+            data = json.load(f)
+    except (OSError, ValueError):  # missing, unreadable (permissions), garbled (JSON or UTF-8)
         return None
+    return data if isinstance(data, dict) else None
+
+
+def read_record(path: str | os.PathLike) -> dict | None:
+    """A run record for reports: the JSON object in `path`, None when the file does not exist, and
+    a stand-in `failed` record naming the file and the problem when it exists but cannot be read
+    (garbled JSON, permissions, not an object), so one bad record never hides the others."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        problem = None if isinstance(data, dict) else f"holds a JSON {type(data).__name__}, not an object"
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        problem = f"is not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
+    if problem is None:
+        return data
+    return {"status": "failed", "error": f"unreadable record {path}: it {problem}", "unreadable": True}
 
 
 def run_id_for(sweep: str, overrides: list[str], seed: int) -> str:
@@ -152,6 +275,7 @@ class RunRecord:
             "timings": {},
             "env": {},
             "error": None,
+            "warnings": [],
             "attempt": 1,
             "started_at": None,
             "finished_at": None,
@@ -195,10 +319,36 @@ class RunRecord:
         self.data["status"] = "failed"
         self.data["error"] = error
         self.data["finished_at"] = time.time()
-        self.save()
+        self.save_anyhow()
 
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
+
+    def save_anyhow(self) -> None:
+        """`save`, and when that fails (disk full: no room for the temp file) a rewrite in place,
+        the full record, else the fields that say it failed: the status must reach the file."""
+        try:
+            self.save()
+            return
+        except OSError as exc:
+            print(f"warning: cannot write {self.path} atomically ({exc}); rewriting it in place", flush=True)
+        brief = {k: self.data.get(k) for k in ("schema", "status", "run_id", "run_dir", "sweep", "overrides",
+                                                "index", "error", "attempt", "finished_at")}
+        for data in (self.data, brief):
+            try:
+                with open(self.path, "w") as f:  # truncates first: the old record's blocks are reused
+                    json.dump(_jsonable(data), f, indent=1)
+                    f.write("\n")
+                return
+            except OSError:
+                continue
+        print(f"error: cannot write {self.path} at all; the run's status there is stale", flush=True)
+
+    def warn(self, message: str) -> None:
+        """A reused file was not trusted (digest mismatch, unreadable): say so on the console and
+        keep the line in the record's `warnings`."""
+        print(f"warning: {message}", flush=True)
+        self.data.setdefault("warnings", []).append(message)
 
     # ---------------------------------------------------------------- content
     def update_metrics(self, **metrics: Any) -> None:

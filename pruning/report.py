@@ -39,7 +39,7 @@ from typing import Any
 
 import pandas as pd
 
-from pruning.record import INDEX_KEYS, read_json
+from pruning.record import INDEX_KEYS, read_json, read_record
 
 DEFAULT_METRIC = "final_acc"
 DEFAULT_REFERENCE = "magnitude"
@@ -133,9 +133,11 @@ def load_local(sweep_dir: str | Path) -> pd.DataFrame:
         rel = path.parent.relative_to(sweep_dir)
         if rel.parts[:1] == ("report",):
             continue
-        rec = read_json(path)
+        rec = read_record(path)
         if rec is None:
             continue
+        if rec.get("unreadable"):  # listed as a failed cell that names the file; the report goes on
+            print(f"warning: {rec['error']}; listed as failed", file=sys.stderr, flush=True)
         rows.append(flatten_record(rec, run=rel.as_posix()))
     return to_frame(rows)
 

@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pruning.config import override_key, result_overrides, run_dirname
-from pruning.record import read_json
+from pruning.record import read_record
 
 STATUSES = ("completed", "failed", "running", "missing")
 
@@ -206,7 +206,8 @@ def _existing_runs(sweep_dir: Path) -> list[tuple[Path, dict[str, Any] | None, l
             run_dir = p.parent if p.name == "result.json" else p.parent.parent
             if "report" not in run_dir.relative_to(sweep_dir).parts[:1]:
                 dirs.add(run_dir)
-    return [(d, read_json(d / "result.json"), _read_overrides(d)) for d in sorted(dirs)]
+    # an unreadable result.json reads as a `failed` stand-in that names it (`read_record`)
+    return [(d, read_record(d / "result.json"), _read_overrides(d)) for d in sorted(dirs)]
 
 
 def _run_key(record: dict[str, Any] | None, overrides: list[str] | None, default_seed: Any) -> Any:

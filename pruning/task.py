@@ -39,7 +39,7 @@ from pruning.gradients import GradientMatrix, apply_row_noise, build_gradient_ma
 from pruning.layout import ParamLayout, apply_mask, get_flat, make_layout, set_flat, sparsity_stats
 from pruning.methods.base import PruneResult, PruningProblem, TrainContext
 from pruning.models import Classifier, build_model, load_weights
-from pruning.record import RunRecord, atomic_write_json, run_id_for
+from pruning.record import RunRecord, atomic_write_json, remove_with_digest, run_id_for, verify_digest
 from pruning.tracking import Tracker, build_tracker
 from pruning.train import (
     TrainConfig,
@@ -246,12 +246,20 @@ class Job:
         return Path(cfg.paths.cache_dir) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{key}.pt"
 
     def train_dense(self, model: Classifier) -> None:
-        """Train with the model's recipe, or reuse the cached result of the same recipe."""
+        """Train with the model's recipe, or reuse the cached result of the same recipe (only when
+        it matches the sha256 written with it; otherwise it is retrained and replaced)."""
         cache = self.dense_cache_path()
         if cache.is_file() and self.cfg.task == "prune":
-            load_weights(model, cache)
-            self.say(f"dense model: cached {cache}")
-            return
+            problem = verify_digest(cache)
+            if problem is None:
+                try:  # our own format (a Classifier state dict): tensors only, no code runs from it
+                    model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+                    self.say(f"dense model: cached {cache}")
+                    return
+                except Exception as exc:  # a matching digest over a foreign file: retrain, never fail
+                    problem = f"it cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            self.record.warn(f"dense cache {cache} not used: {problem}; retraining the dense model")
+            remove_with_digest(cache)
         tcfg = dict(OmegaConf.to_container(self.cfg.model.train, resolve=True))
         seed = int(tcfg.pop("seed", 0))
         tc: TrainConfig = train_config(tcfg, "model.train")
@@ -270,7 +278,7 @@ class Job:
             stats = train_epoch(model, loader, opt, self.device, progress=False, label_smoothing=tc.label_smoothing)
             sched.step()
             self.log({"phase": "dense_train", "epoch": epoch + 1, "lr": lr, **stats})
-        atomic_torch_save(model.state_dict(), cache)  # concurrent jobs may train the same recipe
+        atomic_torch_save(model.state_dict(), cache, digest=True)  # concurrent jobs may train the same recipe
         self.say(f"dense model cached at {cache}")
 
     def save_dense_checkpoint(self) -> None:
@@ -326,7 +334,7 @@ class Job:
                 G = build_gradient_matrix(self.model, self.layout, rows, None, rows.indices, cal,
                                           cache_dir=Path(self.cfg.paths.cache_dir) / "grads", seed=seed,
                                           key_extra=noise_cache_key(self.noise, derive_seed(seed, f"noise/{stage}/weights")),
-                                          progress=self.progress)
+                                          progress=self.progress, warn=self.record.warn)
         finally:
             rows.close()
         # gradient-row noise acts after the cache
@@ -547,7 +555,10 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> 
         else:
             job.record.fail(str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}")
             if not isinstance(exc, ConfigError):
-                (job.run_dir / "error.txt").write_text(traceback.format_exc())
+                try:
+                    (job.run_dir / "error.txt").write_text(traceback.format_exc())
+                except OSError:  # e.g. the disk is full: the record above already says failed
+                    pass
         raise
     finally:  # the tracker is always finished, on success and on failure
         try:
