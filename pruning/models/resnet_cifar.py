@@ -16,8 +16,9 @@ Option B (`resnet20b`; He et al. 2016, section 3.3, "projection shortcuts are us
 dimensions"): where a block changes width, its shortcut is a strided 1x1 convolution + BatchNorm
 (`layer{2,3}.0.shortcut.{0,1}`). This is the Distiller-style ResNet-20 that WoodFisher, CBS, SWAP and
 CHITA prune (their `resnet20_cifar10.pth.tar`, keys `downsample.{0,1}` and classifier `fc`, mapped on
-load by pruning/models/checkpoints.py); it was trained on inputs normalised with mean (0.4914,
-0.4822, 0.4465), std (0.2023, 0.1994, 0.2010), which conf/model/resnet20b.yaml sets.
+load by pruning/models/checkpoints.py). That checkpoint was trained on inputs normalised with
+mean = std = 0.5 per channel (Distiller's CIFAR loader; measured, see conf/model/resnet20b.yaml),
+which conf/model/resnet20b.yaml sets.
 
 Prunable by default (WoodFisher/CBS/SWAP convention for ResNet-20, algorithms.md 1.2): the 3x3
 convolutions inside the residual blocks, `layer{1,2,3}.{i}.conv{1,2}.weight` - not the stem, not the
