@@ -7,7 +7,7 @@ weights they hold optimizer and scheduler objects, config objects of the authors
 refuses and which plain `pickle` would import and run.
 
 `safe_torch_load` first tries `torch.load(weights_only=True)`. Only when that refuses a class
-does it read the file again through torch's own loader with a restricted unpickler: tensors are
+(or a pickle opcode it does not implement) does it read the file again through torch's own loader with a restricted unpickler: tensors are
 rebuilt by torch's rebuild functions and storages, containers and plain values as usual, and
 every other global (class or function) becomes an inert `Placeholder` subclass. No module is
 imported and no callable outside `_ALLOWED` is ever called, so nothing in a file executes
@@ -133,17 +133,30 @@ _RESTRICTED_PICKLE = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=_
 
 
 def _refused_class(exc: BaseException) -> bool:
-    """True when weights_only loading failed only because the file names a class it does not allow."""
+    """True when weights_only loading failed because the file names a class it does not allow (or
+    uses a pickle opcode it lacks, e.g. FRAME of `torch.save(..., pickle_protocol=4)`), not because
+    the file is damaged."""
     msg = str(exc)
     return isinstance(exc, pickle.UnpicklingError) and any(
         s in msg for s in ("Unsupported global", "unsupported GLOBAL", "Can only create new object",
-                           "call reduce for unrecognized function", "Can only build"))
+                           "call reduce for unrecognized function", "Can only build", "Unsupported operand"))
+
+
+# torch.save writes a zip archive; before torch 1.6 a pickle stream opened by this magic number
+# (a pickled int, 10 bytes little-endian); before 0.4 a tar archive.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _torch_format(data: bytes) -> bool:
+    return data.startswith(_ZIP_MAGIC) or _LEGACY_MAGIC in data[:32] or data[257:262] == b"ustar"
 
 
 def _unreadable(path: Path, exc: BaseException) -> ConfigError:
-    detail = (str(exc).strip().splitlines() or [""])[0]
-    if "Unsupported global" in detail or "Weights only load failed" in detail:
-        detail = ""  # torch's advice to use weights_only=False is wrong here
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:  # skip torch's advice to use weights_only=False
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    detail = (text.splitlines() or [""])[0]
     detail = detail[:120] + ("..." if len(detail) > 120 else "")
     why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     return ConfigError(CHECKPOINT_KEY, str(path), ALLOWED_FILE, f"cannot be read as a checkpoint ({why})")
@@ -164,8 +177,13 @@ def safe_torch_load(path: str | Path) -> Any:
     if path.stat().st_size == 0:
         raise ConfigError(CHECKPOINT_KEY, str(path), ALLOWED_FILE, "is empty")
     data = path.read_bytes()
+    if not _torch_format(data):
+        raise ConfigError(CHECKPOINT_KEY, str(path), ALLOWED_FILE,
+                          f"is not a PyTorch checkpoint (starts with {data[:12]!r})")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols: keep the error one line
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure means "not a readable checkpoint": report it as one line
         if not _refused_class(exc):
             raise _unreadable(path, exc) from None
