@@ -60,6 +60,10 @@ class Placeholder:
     def __setstate__(self, state: Any) -> None:
         self.__dict__["state"] = state
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
+        # e.g. `getattr(Path, "touch")` became a placeholder, and the file then calls it
+        return type(self)(*args, **kwargs)
+
     def __repr__(self) -> str:
         return f"<placeholder for {self.origin}>"
 
