@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 from pruning.data import DataBundle
 from pruning.errors import ConfigError
 from pruning.models import build_model, load_weights
-from pruning.models.checkpoints import Placeholder
+from pruning.models.checkpoints import Placeholder, safe_torch_load
 from pruning.task import run
 
 SET_STATE_CALLS: list[object] = []
@@ -219,6 +219,17 @@ def test_file_that_would_run_code_runs_nothing(tmp_path, legacy, where):
             assert extra["config"].args and not marker.exists()
             assert torch.equal(model.net.fc1.weight, net.fc1.weight)
         assert not marker.exists(), f"{name} ran"
+
+
+def test_parameters_rebuild_in_the_restricted_path(tmp_path):
+    net = build_model({"name": "mlpnet"}, bundle(MNIST, 10)).net
+    params = {f"module.{k}": torch.nn.Parameter(v.clone()) for k, v in net.state_dict().items()}
+    path = save({"state_dict": params, "model_config": ModelConfig("mlpnet")}, tmp_path / "p.ckpt")
+    w = safe_torch_load(path)["state_dict"]["module.fc1.weight"]
+    assert isinstance(w, torch.nn.Parameter) and not w._backward_hooks and torch.equal(w, net.fc1.weight)
+    model = build_model({"name": "mlpnet"}, bundle(MNIST, 10))
+    load_weights(model, path)
+    assert all(torch.equal(a, b) for a, b in zip(model.net.state_dict().values(), net.state_dict().values()))
 
 
 def test_restricted_unpickler_imports_no_module(tmp_path, monkeypatch):

@@ -87,13 +87,25 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Placeholder:
     return cls(state)
 
 
+def _rebuild_tensor_v2(storage: Any, offset: int, size: Any, stride: Any, requires_grad: bool,
+                       backward_hooks: Any, metadata: Any = None) -> torch.Tensor:
+    """torch's `_rebuild_tensor_v2` without the file's backward hooks (callables: placeholders here)."""
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad,
+                                           collections.OrderedDict(), metadata)
+
+
+def _rebuild_parameter(data: torch.Tensor, requires_grad: bool, backward_hooks: Any) -> torch.nn.Parameter:
+    """torch's `_rebuild_parameter` without the file's backward hooks."""
+    return torch.nn.Parameter(data, requires_grad)
+
+
 # The only globals a file may name and get as themselves: tensor and container rebuilding.
 # Storage classes never reach find_class (torch's loader maps them to dtypes itself).
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("builtins", "set"): set,
