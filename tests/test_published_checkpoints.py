@@ -39,8 +39,8 @@ def bundle(shape: tuple[int, ...], num_classes: int) -> DataBundle:
     """Metadata of a data set with these inputs (as in test_models.py)."""
     ds = TensorDataset(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long))
     c = shape[0] if len(shape) == 3 else 1
-    return DataBundle(name=f"test{shape}", train=ds, test=ds, calib=ds, input_shape=shape, num_classes=num_classes,
-                      mean=(0.5,) * c, std=(0.25,) * c)
+    return DataBundle(name=f"test{shape}", train=ds, test=ds, calib=ds, input_shape=shape,
+                      num_classes=num_classes, mean=(0.5,) * c, std=(0.25,) * c)
 
 
 class ModelConfig:
@@ -132,7 +132,8 @@ def test_distiller_option_b_resnet20_layout_loads(tmp_path, legacy):
     assert set(ours) == {k.removeprefix("module.").replace("downsample", "shortcut").replace("fc.", "linear.")
                          for k in state}
     assert all(torch.equal(ours[k], v) for k, v in src.net.state_dict().items())
-    assert extra["best_top1"] == 91.96 and isinstance(extra["compression_sched"]["parallel_model"], Placeholder)
+    assert extra["best_top1"] == 91.96
+    assert isinstance(extra["compression_sched"]["parallel_model"], Placeholder)
     x = torch.rand(4, *CIFAR, generator=torch.Generator().manual_seed(2))
     src.eval(), dst.eval()
     with torch.no_grad():

@@ -61,7 +61,8 @@ class ZeroPadShortcut(nn.Module):
 
 def projection_shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
     """Option-B shortcut: strided 1x1 convolution + BatchNorm (Distiller's `downsample`)."""
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
+                         nn.BatchNorm2d(out_planes))
 
 
 class BasicBlock(nn.Module):
@@ -117,8 +118,8 @@ class CifarResNet(nn.Module):
 
     def prunable_names(self) -> list[str]:
         # the block convs only: not the stem, nor option B's 1x1 shortcut convs (module docstring)
-        return [f"{name}.weight" for name, m in self.named_modules()
-                if isinstance(m, nn.Conv2d) and name.startswith("layer") and name.rsplit(".", 1)[-1] in ("conv1", "conv2")]
+        return [f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Conv2d)
+                and name.startswith("layer") and name.rsplit(".", 1)[-1] in ("conv1", "conv2")]
 
 
 def build(cfg: Mapping[str, Any], data: DataBundle) -> nn.Module:
