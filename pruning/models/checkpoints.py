@@ -9,9 +9,10 @@ refuses and which plain `pickle` would import and run.
 `safe_torch_load` first tries `torch.load(weights_only=True)`. Only when that refuses a class
 (or a pickle opcode it does not implement) does it read the file again through torch's own loader
 with a restricted unpickler: tensors are rebuilt by torch's rebuild functions and storages,
-containers and plain values as usual, and every other global (class or function) becomes an inert `Placeholder` subclass. No module is
-imported and no callable outside `_ALLOWED` is ever called, so nothing in a file executes
-(a `__reduce__` naming `os.system` yields a placeholder holding its arguments).
+containers and plain values as usual, and every other global (class or function) becomes an inert
+`Placeholder` subclass. No module is imported and no callable outside `_ALLOWED` is ever called,
+so nothing in a file executes (a `__reduce__` naming `os.system` yields a placeholder holding its
+arguments).
 
 `network_state` maps a file's state dict onto a model's keys: DataParallel's `module.` prefix,
 WoodFisher's masked wrappers (`fc1._layer.weight` and `fc1._weight_mask`: the weight is
