@@ -233,6 +233,29 @@ def test_parameters_rebuild_in_the_restricted_path(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.net.state_dict().values(), net.state_dict().values()))
 
 
+class AttrDict(dict):
+    """A dict subclass as reference code bases use for configs."""
+
+
+class Milestones(list):
+    pass
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_placeholders_keep_contents_of_unknown_containers_and_plain_values(tmp_path, legacy):
+    config = AttrDict(arch="resnet20_cifar", lr=0.1)
+    path = save({"state_dict": {"w": torch.ones(2, dtype=torch.float16)}, "config": config,
+                 "milestones": Milestones([100, 150]), "meta": ModelConfig("x"),
+                 "plain": {"dtype": torch.float64, "device": torch.device("cpu"), "size": torch.Size([2, 3]),
+                           "bytes": b"\x00\xff", "set": {1, 2}, "complex": 1 + 2j}}, tmp_path / "c.pt", legacy)
+    blob = safe_torch_load(path)
+    assert isinstance(blob["config"], Placeholder) and blob["config"].items == {"arch": "resnet20_cifar", "lr": 0.1}
+    assert blob["milestones"].values == [100, 150] and blob["meta"].state == {"arch": "x", "dataset": "mnist"}
+    assert blob["plain"] == {"dtype": torch.float64, "device": torch.device("cpu"), "size": torch.Size([2, 3]),
+                             "bytes": b"\x00\xff", "set": {1, 2}, "complex": 1 + 2j}
+    assert torch.equal(blob["state_dict"]["w"], torch.ones(2, dtype=torch.float16)) and not SET_STATE_CALLS
+
+
 def test_restricted_unpickler_imports_no_module(tmp_path, monkeypatch):
     marker = tmp_path / "imported"
     module_dir = tmp_path / "mods"

@@ -22,7 +22,7 @@ WoodFisher's masked wrappers (`fc1._layer.weight` and `fc1._weight_mask`: the we
 
 from __future__ import annotations
 
-import codecs
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -61,6 +61,17 @@ class Placeholder:
     def __setstate__(self, state: Any) -> None:
         self.__dict__["state"] = state
 
+    # containers pickled as subclasses of dict or list (e.g. attribute-dict configs) fill themselves
+    # through these: keep the items
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value: Any) -> None:
+        self.__dict__.setdefault("values", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__.setdefault("values", []).extend(values)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
         # e.g. `getattr(Path, "touch")` became a placeholder, and the file then calls it
         return type(self)(*args, **kwargs)
@@ -75,8 +86,9 @@ def _placeholder(module: str, name: str) -> type[Placeholder]:
 
 
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """`_codecs.encode` as protocol-2 pickles use it for bytes; no other codec."""
-    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1":
+    """`_codecs.encode` as protocol-2 pickles use it for bytes; no other codec (a codec lookup by
+    name would import modules)."""
+    if not isinstance(text, str) or str(encoding).lower().replace("-", "").replace("_", "") not in _LATIN1:
         raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not allowed")
     return text.encode("latin1")
 
@@ -100,6 +112,10 @@ def _rebuild_parameter(data: torch.Tensor, requires_grad: bool, backward_hooks: 
     return torch.nn.Parameter(data, requires_grad)
 
 
+_LATIN1 = ("latin1", "iso88591", "l1")
+# torch's dtypes by name, read without getattr(torch, ...): torch's module __getattr__ imports submodules
+_DTYPES = {name: v for name, v in vars(torch).items() if isinstance(v, torch.dtype)}
+
 # The only globals a file may name and get as themselves: tensor and container rebuilding.
 # Storage classes never reach find_class (torch's loader maps them to dtypes itself).
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -115,7 +131,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "slice"): slice,
     ("_codecs", "encode"): _latin1_bytes,
     ("copyreg", "_reconstructor"): _reconstructor,
-    ("copy_reg", "_reconstructor"): _reconstructor,
 }
 
 
@@ -131,11 +146,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.placeholders: set[str] = set()  # "module.name" of every global turned into a placeholder
 
     def find_class(self, module: str, name: str) -> Any:
+        # Python 2 names, as protocol-2 pickles write them (what pickle's own find_class maps)
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         allowed = _ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]
         self.placeholders.add(f"{module}.{name}")
         return _placeholder(module, name)
 
