@@ -141,10 +141,6 @@ class RestrictedUnpickler(pickle.Unpickler):
     `find_class` returned, so code in a file can only reach `_ALLOWED` and `Placeholder` methods.
     """
 
-    def __init__(self, file: Any, **kwargs: Any):
-        super().__init__(file, **kwargs)
-        self.placeholders: set[str] = set()  # "module.name" of every global turned into a placeholder
-
     def find_class(self, module: str, name: str) -> Any:
         # Python 2 names, as protocol-2 pickles write them (what pickle's own find_class maps)
         if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -155,7 +151,6 @@ class RestrictedUnpickler(pickle.Unpickler):
             return allowed
         if module == "torch" and name in _DTYPES:
             return _DTYPES[name]
-        self.placeholders.add(f"{module}.{name}")
         return _placeholder(module, name)
 
 
