@@ -39,6 +39,7 @@ CIFAR, MNIST, IMAGENET = (3, 32, 32), (1, 28, 28), (3, 224, 224)
 ZOO = {
     "mlpnet": (MNIST, 10, 32_360, 32_360, 28),
     "resnet20": (CIFAR, 10, 269_722, 267_264, 32),
+    "resnet20b": (CIFAR, 10, 272_474, 267_264, 32),  # + 2 x (1x1 conv + BN): 512+64 + 2,048+128
     "resnet32": (CIFAR, 10, 464_154, 460_800, 32),
     "resnet56": (CIFAR, 10, 853_018, 847_872, 32),
     "vgg16": (CIFAR, 10, 14_728_266, 14_715_584, 32),
@@ -98,6 +99,25 @@ def test_resnet20_default_prunable_set_is_the_18_block_convs():
     expected = [f"net.layer{s}.{b}.conv{c}.weight" for s in (1, 2, 3) for b in (0, 1, 2) for c in (1, 2)]
     assert list(layout.names) == expected
     assert all(shape[2:] == (3, 3) for shape in layout.shapes)
+
+
+def test_option_b_resnet20_projects_shortcuts_and_prunes_only_the_block_convs():
+    model = build_model({"name": "resnet20b"}, bundle(CIFAR, 10))
+    a = make_layout(build_model({"name": "resnet20"}, bundle(CIFAR, 10)))
+    assert list(make_layout(model).names) == list(a.names)  # not the 1x1 shortcut convs, stem or linear
+    blocks = [b for stage in (model.net.layer1, model.net.layer2, model.net.layer3) for b in stage]
+    projections = [b.shortcut for b in blocks if not isinstance(b.shortcut, torch.nn.Identity)]
+    assert len(projections) == 2
+    for proj, (cin, cout) in zip(projections, ((16, 32), (32, 64))):
+        conv, bn = proj
+        assert conv.weight.shape == (cout, cin, 1, 1) and conv.stride == (2, 2) and conv.bias is None
+        assert isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == cout
+    x = torch.randn(2, 16, 8, 8)
+    block = blocks[3].eval()  # layer2.0: out = relu(bn2(conv2(relu(bn1(conv1 x)))) + bn(conv1x1 x))
+    with torch.no_grad():
+        main = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+        short = block.shortcut[1](torch.nn.functional.conv2d(x, block.shortcut[0].weight, stride=2))
+        assert torch.allclose(block(x), torch.relu(main + short))
 
 
 def test_prunable_glob_override_gives_chita_set():
@@ -182,6 +202,20 @@ def test_public_cifar_resnet_checkpoint_loads_strictly(shared_data: Path, name, 
         logits = model(torch.rand(8, *CIFAR, generator=torch.Generator().manual_seed(0)))
     assert logits.shape == (8, 10) and torch.isfinite(logits).all()
     assert logits.std() > 0
+
+
+def test_woodfisher_option_b_checkpoint_loads_strictly(shared_data: Path):
+    path = shared_data / "resnet20b-cifar10-woodfisher.pth.tar"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (WoodFisher's option-B ResNet-20; see ../shared/data/README.md)")
+    model = build_model({"name": "resnet20b"}, bundle(CIFAR, 10))
+    extra = load_weights(model, path)
+    assert extra["best_top1"] == pytest.approx(91.96) and extra["arch"] == "resnet20_cifar"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    ours = model.net.state_dict()
+    renamed = {k.removeprefix("module.").replace(".downsample.", ".shortcut.").replace("fc.", "linear."): v
+               for k, v in ckpt.items()}
+    assert set(renamed) == set(ours) and all(torch.equal(ours[k], v) for k, v in renamed.items())
 
 
 def test_load_weights_rejects_missing_path(tmp_path):

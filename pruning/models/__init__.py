@@ -5,6 +5,7 @@ Registry keys (config group `model`, conf/model/<key>.yaml; each module has
   mlp          small MLP for the embedded digits default                     mlp.py
   mlpnet       MLPNet 784-40-20-10, no biases (WoodFisher/CBS/CHITA MNIST)   mlpnet.py
   resnet20     CIFAR ResNet-20, option-A shortcuts (akamaster checkpoints)   resnet_cifar.py
+  resnet20b    CIFAR ResNet-20, option-B 1x1-conv shortcuts (WoodFisher)     resnet_cifar.py
   resnet32     CIFAR ResNet-32                                               resnet_cifar.py
   resnet56     CIFAR ResNet-56                                               resnet_cifar.py
   vgg16        VGG-16 with batch norm for CIFAR                              vgg.py
@@ -35,11 +36,13 @@ from torch import nn
 from pruning.data import DataBundle
 from pruning.errors import ConfigError
 from pruning.layout import default_prunable
+from pruning.models.checkpoints import find_state, network_state, safe_torch_load
 
 _MODULES = {
     "mlp": "pruning.models.mlp",
     "mlpnet": "pruning.models.mlpnet",
     "resnet20": "pruning.models.resnet_cifar",
+    "resnet20b": "pruning.models.resnet_cifar",
     "resnet32": "pruning.models.resnet_cifar",
     "resnet56": "pruning.models.resnet_cifar",
     "vgg16": "pruning.models.vgg",
@@ -116,27 +119,19 @@ def build_model(cfg: Mapping[str, Any], data: DataBundle) -> Classifier:
 
 
 def load_weights(model: Classifier, path: str | Path) -> dict[str, Any]:
-    """Load a state dict saved by this project (Classifier keys) or a bare network state dict.
+    """Load a state dict saved by this project (Classifier keys), a bare network state dict, or a
+    published training checkpoint (pruning/models/checkpoints.py: read without running anything
+    from the file, reference key layouts mapped, masks applied). Matching is strict.
 
-    Uses `torch.load(weights_only=True)`: no arbitrary objects are unpickled. Accepts
-    `{"state_dict": ...}` wrappers and DataParallel's `module.` prefix. Returns the other
-    entries of the file (e.g. `best_prec1`).
+    Returns the other entries of the file (e.g. `best_prec1`, `epoch`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("model.checkpoint", str(path), "a path to an existing state-dict file, or null "
-                          "to train the dense model and cache it", "does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    extra: dict[str, Any] = {}
-    state = blob
-    if isinstance(blob, Mapping) and "state_dict" in blob:
-        state = blob["state_dict"]
-        extra = {k: v for k, v in blob.items() if k != "state_dict"}
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state, extra = find_state(safe_torch_load(path))
+    if state is None or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError("model.checkpoint", str(path), "a file holding a state dict (name -> tensor), "
                           "optionally wrapped as {'state_dict': ...}", "holds something else")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    target = model if any(k.startswith("net.") for k in state) else model.net
+    target = model if any(k.startswith(("net.", "module.net.")) for k in state) else model.net
+    state = network_state(state, target.state_dict())
     problems = _mismatch(target.state_dict(), state)
     if problems:
         raise ConfigError("model.checkpoint", str(path), f"a state dict of {type(model.net).__name__} (the "

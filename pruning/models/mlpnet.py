@@ -4,7 +4,10 @@ Source: WoodFisher (Singh & Alistarh, NeurIPS 2020), `models/mlpnet.py`, reused 
 ICML 2022), CHITA (Benbaki et al., ICML 2023) and SWAP; its dense checkpoint is
 `mnist_25_epoch_93.97.ckpt`. Three fully connected layers without biases and ReLU in between;
 the reference code ends with log-softmax + NLL, which is cross-entropy on these logits. Layer
-names `fc1`, `fc2`, `fc3` follow the reference, so its state dicts load directly.
+names `fc1`, `fc2`, `fc3` follow the reference; its checkpoint stores them masked
+(`module.fc1._layer.weight`, `module.fc1._weight_mask`) next to optimizer objects, which
+pruning/models/checkpoints.py reads safely and maps (weight x mask). Measured with it: 93.8% on the
+2,262 MNIST training images of ../shared/data/mnist-train-prefix's t10k split.
 
 Prunable by default: the three weight matrices, 784*40 + 40*20 + 20*10 = 32,360 weights.
 """

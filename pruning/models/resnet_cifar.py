@@ -1,4 +1,5 @@
-"""ResNet-20/32/56 for CIFAR with option-A (parameter-free, zero-padding) shortcuts.
+"""ResNet-20/32/56 for CIFAR with option-A (parameter-free, zero-padding) shortcuts, and ResNet-20
+with option-B (projection) shortcuts.
 
 Source: He et al., "Deep Residual Learning for Image Recognition" (CVPR 2016), section 4.2: a
 3x3 stem with 16 channels, three stages of n basic blocks with 16/32/64 channels (depth 6n + 2),
@@ -11,8 +12,20 @@ github.com/akamaster/pytorch_resnet_cifar10: `conv1`, `bn1`, `layer{1,2,3}.{i}.{
 checkpoints were trained on inputs normalised with the ImageNet statistics; conf/model/resnet*.yaml
 sets `normalize` accordingly.
 
-Prunable by default (WoodFisher/CBS/SWAP convention for ResNet-20): the 3x3 convolutions inside
-the residual blocks, `layer{1,2,3}.{i}.conv{1,2}.weight` - not the stem, not the classifier.
+Option B (`resnet20b`; He et al. 2016, section 3.3, "projection shortcuts are used for increasing
+dimensions"): where a block changes width, its shortcut is a strided 1x1 convolution + BatchNorm
+(`layer{2,3}.0.shortcut.{0,1}`). This is the Distiller-style ResNet-20 that WoodFisher, CBS, SWAP and
+CHITA prune (their `resnet20_cifar10.pth.tar`, keys `downsample.{0,1}` and classifier `fc`, mapped on
+load by pruning/models/checkpoints.py). That checkpoint was trained on inputs normalised with
+mean = std = 0.5 per channel (Distiller's CIFAR loader; measured, see conf/model/resnet20b.yaml),
+which conf/model/resnet20b.yaml sets.
+
+Prunable by default (WoodFisher/CBS/SWAP convention for ResNet-20, algorithms.md 1.2): the 3x3
+convolutions inside the residual blocks, `layer{1,2,3}.{i}.conv{1,2}.weight` - not the stem, not the
+classifier and, for option B, not the two 1x1 shortcut convs: the reference scripts leave them
+dense (their p = 267,264 is the 18 block convs alone), and they carry the whole residual signal of
+a stage change in only 512 + 2,048 weights. CHITA's set (stem and classifier too) is a
+`model.prunable` override, see conf/model/resnet20.yaml.
 """
 
 from __future__ import annotations
@@ -28,7 +41,8 @@ from pruning.data import DataBundle
 from pruning.errors import ConfigError
 from pruning.models import image_channels
 
-DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+# model name: (depth, shortcut option)
+ARCHS = {"resnet20": (20, "A"), "resnet32": (32, "A"), "resnet56": (56, "A"), "resnet20b": (20, "B")}
 
 
 class ZeroPadShortcut(nn.Module):
@@ -45,15 +59,22 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, *self.pad))
 
 
+def projection_shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
+    """Option-B shortcut: strided 1x1 convolution + BatchNorm (Distiller's `downsample`)."""
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
+                         nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         if stride != 1 or in_planes != planes:
-            self.shortcut: nn.Module = ZeroPadShortcut(in_planes, planes, stride)
+            self.shortcut: nn.Module = (ZeroPadShortcut(in_planes, planes, stride) if shortcut == "A"
+                                        else projection_shortcut(in_planes, planes, stride))
         else:
             self.shortcut = nn.Identity()
 
@@ -66,10 +87,12 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs; any spatial size works (global average pooling)."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A"):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth={depth} is not 6n + 2 with n >= 1")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut={shortcut!r} is not 'A' (zero padding) or 'B' (1x1 projection)")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -78,7 +101,7 @@ class CifarResNet(nn.Module):
         for width, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(BasicBlock(planes, width, stride if i == 0 else 1))
+                blocks.append(BasicBlock(planes, width, stride if i == 0 else 1, shortcut))
                 planes = width
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -94,12 +117,14 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
     def prunable_names(self) -> list[str]:
-        return [f"{name}.weight" for name, m in self.named_modules()
-                if isinstance(m, nn.Conv2d) and name.startswith("layer")]
+        # the block convs only: not the stem, nor option B's 1x1 shortcut convs (module docstring)
+        return [f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Conv2d)
+                and name.startswith("layer") and name.rsplit(".", 1)[-1] in ("conv1", "conv2")]
 
 
 def build(cfg: Mapping[str, Any], data: DataBundle) -> nn.Module:
     name = cfg["name"]
-    if name not in DEPTHS:
-        raise ConfigError("model.name", name, ", ".join(DEPTHS))
-    return CifarResNet(DEPTHS[name], data.num_classes, image_channels(data, name))
+    if name not in ARCHS:
+        raise ConfigError("model.name", name, ", ".join(ARCHS))
+    depth, shortcut = ARCHS[name]
+    return CifarResNet(depth, data.num_classes, image_channels(data, name), shortcut)
