@@ -183,9 +183,13 @@ def _flat_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def _compose_base(overrides: Sequence[str], flags: Mapping[str, str]) -> Any:
-    """The config the command line starts from (group options only, first of a sweep list)."""
-    from hydra import compose, initialize_config_dir
+    """The config the command line starts from (group options only, first of a sweep list), composed
+    as Hydra does for `launch.py [-cd DIR -cn NAME]`: conf/ is the main source, `-cd` adds DIR."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
 
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     picks = []
@@ -193,14 +197,16 @@ def _compose_base(overrides: Sequence[str], flags: Mapping[str, str]) -> Any:
         key, _, value = ov.partition("=")
         if key.lstrip("+~") in groups and "(" not in value:
             picks.append(f"{key}={value.split(',')[0]}")
-    config_name = flags.get("-cn") or flags.get("--config-name") or "config"
+    search_path = create_config_search_path(str(CONF_DIR))
     cli_dir = flags.get("-cd") or flags.get("--config-dir")
     if cli_dir:
-        picks.append(f"hydra.searchpath=[file://{Path(cli_dir).resolve()}]")
+        search_path.prepend(provider="command-line", path=f"file://{Path(cli_dir).resolve()}",
+                            anchor=SearchPathQuery(provider="schema"))
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=picks)
+        hydra = Hydra.create_main_hydra2(task_name="launch", config_search_path=search_path)
+        return hydra.compose_config(config_name=flags.get("-cn") or flags.get("--config-name") or "config",
+                                    overrides=picks, run_mode=RunMode.RUN, with_log_configuration=False)
     finally:
         GlobalHydra.instance().clear()
 

@@ -10,7 +10,7 @@ class ConfigError(ValueError):
     """A configuration mistake; reported as one line, never as a traceback."""
 
     def __init__(self, key: str, value: Any, allowed: str, problem: str | None = None):
-        self.key, self.value, self.allowed = key, value, allowed
+        self.key, self.value, self.allowed, self.problem = key, value, allowed, problem
         what = problem or "is not allowed"
         super().__init__(f"{key}={value!r} {what}; allowed: {allowed}")
 

@@ -129,6 +129,7 @@ def load_local(sweep_dir: str | Path) -> pd.DataFrame:
     """All run records under a sweep directory (any depth; `report/` is ignored)."""
     sweep_dir = Path(sweep_dir)
     rows = []
+    by_cell: dict[str, int] = {}  # cell_id -> row: one cell run twice (two ad-hoc sweeps) counts once
     for path in sorted(sweep_dir.glob("**/result.json")):
         rel = path.parent.relative_to(sweep_dir)
         if rel.parts[:1] == ("report",):
@@ -136,7 +137,14 @@ def load_local(sweep_dir: str | Path) -> pd.DataFrame:
         rec = read_json(path)
         if rec is None:
             continue
-        rows.append(flatten_record(rec, run=rel.as_posix()))
+        row, cid = flatten_record(rec, run=rel.as_posix()), rec.get("cell_id")
+        if cid in by_cell:  # keep a completed run over any other
+            if rec.get("status") == "completed" and rows[by_cell[cid]]["status"] != "completed":
+                rows[by_cell[cid]] = row
+            continue
+        if cid:
+            by_cell[cid] = len(rows)
+        rows.append(row)
     return to_frame(rows)
 
 

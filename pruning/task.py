@@ -241,9 +241,14 @@ class Job:
             if name not in methods.available():
                 raise ConfigError(f"method_args.{name}", OmegaConf.to_container(extra) if OmegaConf.is_config(extra)
                                   else extra, ", ".join(methods.available()), "is not a method")
-            if name != cfg.method.name:  # the active method's entry was checked merged with its group
+            if name == cfg.method.name:  # the active method's entry was checked merged with its group
+                continue
+            try:
                 methods.make_config(name, OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra)
                                     else dict(extra))
+            except ConfigError as exc:  # name the key as the user wrote it
+                raise ConfigError(exc.key.replace("method.", f"method_args.{name}.", 1), exc.value, exc.allowed,
+                                  exc.problem) from None
         self.noise = noise_mod.build(cfg.noise)
 
     def pin_threads(self) -> None:
