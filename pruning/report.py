@@ -385,7 +385,8 @@ def _status_rows(df: pd.DataFrame, status: Any | None) -> tuple[list[list[str]],
             rows.append([cell.status, run, f"`{cell.command_args()}`", err])
         c = status.counts()
         expected = f" of {status.grid_size} expected" if status.grid_size is not None else ""
-        counts = (f"{c['completed']} completed, {c['failed']} failed, {c['running']} running or killed, "
+        counts = (f"{c['completed']} completed, {c['failed']} failed, "
+                  f"{c['running'] + c.get('interrupted', 0)} running or killed, "
                   f"{c['missing']} missing{expected}")
     else:
         for r in df[df["status"] != "completed"].itertuples():

@@ -17,8 +17,9 @@ import pytest
 from test_validation import multirun
 
 from pruning.config import run_dirname
-from pruning.lock import LOCK_NAME, RunLock, is_live, read_lock
 from pruning.sweep import sweep_status
+
+LOCK_NAME = "run.lock"  # pruning.lock.LOCK_NAME (imported inside the tests that need the module)
 
 
 def write_lock(run_dir: Path, age_s: float = 0.0, **info) -> Path:
@@ -39,6 +40,11 @@ def dead_pid() -> int:
 # ------------------------------------------------------------------------------------ the lock
 
 def test_lock_is_exclusive_and_released(tmp_path):
+    from pruning import lock as lock_mod
+    from pruning.lock import RunLock
+
+    assert lock_mod.LOCK_NAME == LOCK_NAME
+
     first, second = RunLock(tmp_path / "run"), RunLock(tmp_path / "run")
     assert first.acquire()
     assert not second.acquire()
@@ -57,6 +63,8 @@ def test_lock_is_exclusive_and_released(tmp_path):
     ({"host": "elsewhere", "pid": 1, "slurm_job_id": "77_3"}, 1.0, True),  # this Slurm job's earlier attempt
 ])
 def test_stale_locks_are_taken_over(tmp_path, monkeypatch, info, age_s, stale):
+    from pruning.lock import RunLock, is_live, read_lock
+
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
@@ -76,6 +84,8 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch, info, age_s, stale):
 
 
 def test_heartbeat_keeps_the_lock_fresh(tmp_path):
+    from pruning.lock import RunLock, read_lock
+
     with RunLock(tmp_path, heartbeat_s=0.05) as lock:
         assert lock.acquired
         old = time.time() - 1000
@@ -86,6 +96,8 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path):
 
 
 def test_release_never_removes_a_lock_taken_over_by_another_process(tmp_path):
+    from pruning.lock import RunLock
+
     lock = RunLock(tmp_path)
     assert lock.acquire()
     write_lock(tmp_path, host="elsewhere", pid=1)  # e.g. a requeued job judged us dead

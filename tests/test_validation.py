@@ -15,9 +15,11 @@ from omegaconf import open_dict
 from test_cli import error_lines, launch
 
 from pruning import task as task_mod
-from pruning.config import cell_id, check_repeated_keys, check_unknown_keys, effective_threads, validate
-from pruning.errors import ConfigError, RunCheckError, closest, unknown_key
+from pruning.errors import ConfigError
 from pruning.task import Job, run
+
+# helpers added with these checks are imported inside the tests, so the behavioural tests also
+# run (and fail) on a checkout without them
 
 
 def multirun(tmp_path, *overrides: str, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
@@ -77,6 +79,9 @@ def test_multirun_config_error_is_recorded_and_sets_exit_2(tmp_path):
 
 
 def test_precheck_helpers():
+    from pruning.config import check_repeated_keys, check_unknown_keys
+    from pruning.errors import closest, unknown_key
+
     assert check_repeated_keys(["a=1", "+a=2"]) is not None
     assert check_repeated_keys(["a=1", "b=2", "hydra.x=1"]) is None
     assert check_unknown_keys(["sparsity=0.5", "+method_args.swap.epsilon=0.1", "method=lr,swap"], {}) is None
@@ -126,6 +131,8 @@ def test_whole_config_is_validated_before_any_data(make_cfg, tmp_path, no_data, 
 
 def test_validate_and_precheck_accept_every_study_config():
     from test_sweeps import STUDIES, SWEEPS_DIR, compose_study
+
+    from pruning.config import check_unknown_keys, validate
 
     for name in STUDIES:
         cfg = compose_study(name)
@@ -196,6 +203,7 @@ def test_nonfinite_gradients_fail_before_solving(make_cfg, tmp_path, monkeypatch
 # --------------------------------------------------------------------------- achieved sparsity
 
 def test_run_missing_its_target_sparsity_is_failed(make_cfg, tmp_path, monkeypatch):
+    from pruning.errors import RunCheckError
     from pruning.methods import magnitude
     from pruning.methods.base import PruneResult
 
@@ -221,6 +229,7 @@ def test_layerwise_rounding_is_within_tolerance(make_cfg, tmp_path):
 @pytest.mark.parametrize(("method", "raises"), [("magnitude", True), ("grda", False), ("sdprun", False),
                                                 ("gfs", False)])
 def test_train_time_methods_are_exempt_from_the_sparsity_check(make_cfg, tmp_path, method, raises):
+    from pruning.errors import RunCheckError
     from pruning.layout import ParamLayout
 
     job = Job(make_cfg(f"method={method}"), tmp_path / "run")
@@ -259,6 +268,8 @@ def test_main_reports_a_failed_check_in_one_line(tmp_path):
 # ------------------------------------------------------------------------------- determinism
 
 def test_threads_enter_the_identity_only_when_deterministic():
+    from pruning.config import cell_id, effective_threads
+
     base = {"sparsity": 0.9, "seed": 0, "device": "cpu", "model": {"name": "mlp"}}
     ident = lambda **kw: cell_id({**base, **kw}, {"name": "magnitude"})  # noqa: E731
     assert ident(threads=4) == ident(threads=None) == ident(deterministic=False, threads=2)
