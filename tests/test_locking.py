@@ -209,3 +209,18 @@ def test_two_adhoc_sweeps_count_a_cell_once(make_cfg, tmp_path):
     assert summary["n"].tolist() == [3]
     other = run(make_cfg("sparsity=0.5"), sweep / "sparsity=0.5" / "seed=0", ["sparsity=0.5"])
     assert other["cell_id"] != json.loads((sweep / "default" / "seed=0" / "result.json").read_text())["cell_id"]
+
+
+@pytest.mark.parametrize(("info", "released"), [({"slurm_job_id": "55_1", "host": "node7", "pid": 9}, True),
+                                                ({"pid": "job"}, True),
+                                                ({"slurm_job_id": "55_2", "host": "node7", "pid": 9}, False)])
+def test_launcher_releases_the_lock_of_a_dead_job(tmp_path, info, released):
+    """A job the scheduler reports dead (node failure, OOM kill) leaves its lock; the launcher removes
+    it when it records the failure, so the relaunch need not wait for the heartbeat to go stale."""
+    from pruning.launcher import mark_unfinished
+
+    job_id = "55_1" if "slurm_job_id" in info else "4242"
+    write_lock(tmp_path, **{**info, "pid": 4242 if info.get("pid") == "job" else info["pid"]})
+    (tmp_path / "result.json").write_text(json.dumps({"status": "running"}))
+    assert mark_unfinished(tmp_path, "killed", job_id=job_id) == "failed"
+    assert (tmp_path / LOCK_NAME).exists() is not released
