@@ -74,8 +74,8 @@ class ReportCallback(Callback):
                   f"the report sees only multirun.yaml", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            sweep_dir = Path(str(config.hydra.sweep.dir))
             from pruning.record import read_json
             from pruning.sweep import cells_of_grid, sweep_status
 
@@ -84,8 +84,9 @@ class ReportCallback(Callback):
             cells = cells_of_grid(status, grid_cfg)
             _EXIT["code"] = exit_code_for(cells, {c.run_dir: read_json(c.run_dir / "result.json") for c in cells})
         except Exception as exc:
-            print(f"warning: the sweep status could not be read ({type(exc).__name__}: {exc})",
-                  file=sys.stderr, flush=True)
+            if sweep_dir.is_dir():  # no directory: no job ran (the report says so below)
+                print(f"warning: the sweep status could not be read ({type(exc).__name__}: {exc})",
+                      file=sys.stderr, flush=True)
         if not self.enabled:
             return
         try:
