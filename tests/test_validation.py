@@ -288,12 +288,11 @@ def test_deterministic_run_does_not_depend_on_the_process_thread_count(make_cfg,
     """Started with 2 intra-op threads (a Slurm node, OMP_NUM_THREADS=cpus) or with 1 (a laptop):
     deterministic=true gives bit-identical records. The prunable count (> 32768) and fine-tuning
     make torch split reductions over threads, which differ in the 8th digit when not pinned."""
-    overrides = ("deterministic=true", "model.hidden=[256,128]", "model.train.epochs=2", "finetune=short",
-                 "finetune.epochs=1")
+    overrides = ("deterministic=true", "model.hidden=[256,128]", "model.train.epochs=2", "finetune=short")
     before = torch.get_num_threads()
     out = {}
     try:
-        for threads in (2, 1):
+        for threads in (1, 2):  # (this order shows the difference when not pinned)
             torch.set_num_threads(threads)
             out[threads] = run(make_cfg(*overrides), tmp_path / f"threads{threads}")
             assert torch.get_num_threads() == threads  # restored after the run
