@@ -250,6 +250,16 @@ class Job:
                 raise ConfigError(exc.key.replace("method.", f"method_args.{name}.", 1), exc.value, exc.allowed,
                                   exc.problem) from None
         self.noise = noise_mod.build(cfg.noise)
+        # the training recipes that will run (dense, fine-tuning, per-stage fine-tuning)
+        batch = int(cfg.dataset.get("batch_size", 64))
+        if cfg.model.get("train") is not None and not (cfg.model.get("checkpoint") and cfg.task == "prune"):
+            train_config(OmegaConf.to_container(cfg.model.train, resolve=True), "model.train")
+        if int(cfg.finetune.epochs) > 0:
+            train_config({"batch_size": batch, **OmegaConf.to_container(cfg.finetune, resolve=True)}, "finetune")
+        stage_ft = cfg.schedule.get("stage_finetune")
+        if cfg.schedule.name == "multistage" and int(cfg.schedule.get("finetune_epochs", 0)) > 0 and stage_ft:
+            train_config({"batch_size": batch, **OmegaConf.to_container(stage_ft, resolve=True),
+                          "epochs": int(cfg.schedule.finetune_epochs)}, "schedule.stage_finetune")
 
     def pin_threads(self) -> None:
         """torch.set_num_threads(threads); under deterministic=true `threads` defaults to 1, so the

@@ -115,9 +115,11 @@ def no_data(monkeypatch):
     (["+calibration.chunk=3"], "calibration.chunk", ["calibration.chunk_size"]),
     (["sparsity=nan"], "sparsity", ["[0, 1)"]),
     (["threads=0"], "threads", ["positive integer"]),
+    (["finetune=short", "+finetune.lrate=0.1"], "finetune.lrate", ["momentum"]),
+    (["model.train.optimizer=rmsprop"], "model.train.optimizer", ["sgd, adam"]),
     (["deterministic=maybe"], "deterministic", ["true, false"]),
 ], ids=["method-typo", "method-range", "method-args-typo", "method-args-name", "noise-range", "noise-typo",
-        "top-level", "calibration-typo", "sparsity-nan", "threads", "bool"])
+        "top-level", "calibration-typo", "sparsity-nan", "threads", "finetune-typo", "dense-recipe", "bool"])
 def test_whole_config_is_validated_before_any_data(make_cfg, tmp_path, no_data, overrides, key, words):
     with pytest.raises(ConfigError) as err:
         run(make_cfg(*overrides), tmp_path / "run")
