@@ -65,7 +65,7 @@ def cell_id(resolved: Mapping[str, Any], method_params: Mapping[str, Any]) -> st
     default), so a report never counts one cell twice. `threads` counts only under
     `deterministic=true` (see `effective_threads`)."""
     data = {k: v for k, v in resolved.items() if k not in ("method", "method_args")}
-    data = _drop_keys(data, [k for k in NON_RESULT_KEYS if k != "seed"])
+    data = _drop_keys(data, [k for k in NON_RESULT_KEYS if k != "seed"] + ["cluster_name", "threads"])
     data["method"] = dict(method_params)
     data["threads"] = effective_threads(resolved) if resolved.get("deterministic") else None
     blob = json.dumps(data, sort_keys=True, default=str)

@@ -281,8 +281,10 @@ class Job:
                if t.is_floating_point() and not bool(torch.isfinite(t).all())}
         if bad:
             first = next(iter(bad))
-            key = "model.checkpoint" if source == self.cfg.model.get("checkpoint") else "model.train"
-            raise ConfigError(key, source, "finite weights", f"has {sum(bad.values())} NaN/inf value(s) in "
+            ckpt = source == self.cfg.model.get("checkpoint")
+            raise ConfigError("model.checkpoint" if ckpt else "model.train", source,
+                              "finite weights" + ("" if ckpt else " (delete the cached file; check the recipe's lr)"),
+                              f"has {sum(bad.values())} NaN/inf value(s) in "
                               f"{len(bad)} tensor(s) (first: {first}, {bad[first]})")
 
     # ------------------------------------------------------------------ setup

@@ -286,6 +286,23 @@ def test_threads_enter_the_identity_only_when_deterministic():
     assert result_overrides(["threads=4", "deterministic=true"]) == ["threads=4"]
 
 
+def test_cell_id_ignores_where_and_how_a_run_is_launched(make_cfg):
+    from omegaconf import OmegaConf
+
+    from pruning.config import cell_id
+    from pruning.task import method_params
+
+    def ident(*overrides):
+        cfg = make_cfg(*overrides)
+        return cell_id(OmegaConf.to_container(cfg, resolve=True), method_params(cfg))
+
+    base = ident()
+    assert ident("cluster=submitit_local", "resources=gpu1", "logger=wandb", "sweep_name=other", "resume=false",
+                 "calibration.chunk_size=7", "+method_args.swap.epsilon=0.5") == base
+    assert ident("+method_args.magnitude.scope=layerwise") == ident("method.scope=layerwise") != base
+    assert ident("calibration.num_samples=8") != base and ident("seed=1") != base
+
+
 def test_deterministic_run_does_not_depend_on_the_process_thread_count(make_cfg, tmp_path):
     """Started with 2 intra-op threads (a Slurm node, OMP_NUM_THREADS=cpus) or with 1 (a laptop):
     deterministic=true gives bit-identical records. The prunable count (> 32768) and fine-tuning
