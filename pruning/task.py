@@ -183,7 +183,7 @@ class Job:
         if not self.lock.acquire():  # another process computes this cell right now
             self.skipped = True
             self.say(f"skip: {self.run_dir} is being run by another process ({describe(self.lock.holder or {})}); "
-                     f"not computing it twice")
+                     f"not computing it twice (if that process is gone, delete {self.lock.path})")
             return self.record.existing() or {"status": "running", "run_dir": str(self.run_dir)}
         self.validate()
         self.pin_threads()
