@@ -339,6 +339,8 @@ def _merge_same_cells(status: SweepStatus) -> None:
     for cell in status.cells:
         if cell.cell_id is not None and best[cell.cell_id] is not cell:
             status.duplicates.append(cell)
+            if cell.expected and status.grid_size is not None:  # one expected cell, not two
+                status.grid_size -= 1
         else:
             keep.append(cell)
     status.cells = keep

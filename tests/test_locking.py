@@ -205,6 +205,16 @@ def test_two_adhoc_sweeps_count_a_cell_once(make_cfg, tmp_path):
             run(make_cfg(*extra, f"seed={seed}"), sweep / run_dirname(extra) / f"seed={seed}", [*extra, f"seed={seed}"])
     status = sweep_status(sweep)
     assert status.counts()["completed"] == 3 and len(status.duplicates) == 3
+    from omegaconf import OmegaConf  # the two launchers' grids: 3 expected cells, not 6
+
+    (sweep / ".grids").mkdir()
+    for i, extra in enumerate(([], ["method=magnitude"])):
+        OmegaConf.save({"seed": 0, "hydra": {"overrides": {"task": [*extra, "seed=0,1,2"]}}},
+                       sweep / ".grids" / f"{i}.yaml")
+    status = sweep_status(sweep)
+    assert status.grid_size == 3 and status.counts() == {"completed": 3, "failed": 0, "running": 0,
+                                                         "interrupted": 0, "missing": 0}
+    assert "3 completed, 0 failed, 0 running, 0 interrupted, 0 missing of 3 expected" in status.summary()
     summary = summarize(load_local(sweep), "final_acc")
     assert summary["n"].tolist() == [3]
     other = run(make_cfg("sparsity=0.5"), sweep / "sparsity=0.5" / "seed=0", ["sparsity=0.5"])
