@@ -1,12 +1,15 @@
 """Entry point: `python launch.py [group=option ...] [key=value ...]` (add -m for a sweep).
 
 All logic lives in the importable package (`pruning.task.main`), so Slurm workers unpickle the
-task by reference.
+task by reference. Exit status: 0 done; 2 a configuration error (one line on stderr); in a
+multirun, 2 when a job of this launcher failed on a configuration error, 1 when one failed
+otherwise (see `pruning.callbacks`).
 """
 
 import hydra
 from omegaconf import DictConfig
 
+from pruning.callbacks import multirun_exit_code
 from pruning.config import precheck_cli
 from pruning.task import main as run_task
 
@@ -19,3 +22,4 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     precheck_cli()
     main()
+    raise SystemExit(multirun_exit_code())

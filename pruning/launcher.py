@@ -18,6 +18,7 @@ same Hydra job) re-enters the task in the same run directory.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
+from pruning.lock import LOCK_NAME, read_lock
 from pruning.record import RunRecord
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,26 @@ def job_run_dir(launcher: Any, overrides: Sequence[str], job_num: int) -> Path:
         hc.cfg = previous
 
 
-def mark_unfinished(run_dir: Path, reason: str, details: str = "") -> str:
-    """Record in `run_dir/result.json` that the job ended without finishing the run.
+def release_dead_lock(run_dir: Path, job_id: str | None) -> bool:
+    """Remove `run_dir/run.lock` when it was held by job `job_id`, which the scheduler reports dead
+    (so a relaunch need not wait for the heartbeat to go stale on another host)."""
+    info = read_lock(run_dir)
+    if info is None or not job_id:
+        return False
+    same_job = info.get("slurm_job_id") == str(job_id) or (
+        info.get("host") == socket.gethostname() and str(info.get("pid")) == str(job_id))  # local executor
+    if same_job:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    return same_job
+
+
+def mark_unfinished(run_dir: Path, reason: str, details: str = "", job_id: str | None = None) -> str:
+    """Record in `run_dir/result.json` that the job ended without finishing the run (and release
+    the run lock the dead job left behind).
 
     Returns the run's status afterwards: 'failed', 'completed' (the run finished; only the
     scheduler's bookkeeping failed) or 'missing' (the job never started the run)."""
+    release_dead_lock(run_dir, job_id)
     record = RunRecord.load(run_dir)
     if record is None:
         return "missing"
@@ -108,7 +125,7 @@ def collect(launcher: Any, job: Any, overrides: Sequence[str], job_num: int) -> 
         run_dir: Path | None = None
         try:
             run_dir = job_run_dir(launcher, overrides, job_num)
-            status = mark_unfinished(run_dir, reason, f"{type(exc).__name__}: {exc}")
+            status = mark_unfinished(run_dir, reason, f"{type(exc).__name__}: {exc}", str(job.job_id))
             where = {"failed": f"recorded as failed in {run_dir}/result.json",
                      "missing": "the run never started (missing)",
                      "completed": "the run itself had completed"}[status]

@@ -129,6 +129,7 @@ def load_local(sweep_dir: str | Path) -> pd.DataFrame:
     """All run records under a sweep directory (any depth; `report/` is ignored)."""
     sweep_dir = Path(sweep_dir)
     rows = []
+    by_cell: dict[str, int] = {}  # cell_id -> row: one cell run twice (two ad-hoc sweeps) counts once
     for path in sorted(sweep_dir.glob("**/result.json")):
         rel = path.parent.relative_to(sweep_dir)
         if rel.parts[:1] == ("report",):
@@ -138,7 +139,14 @@ def load_local(sweep_dir: str | Path) -> pd.DataFrame:
             continue
         if rec.get("unreadable"):  # listed as a failed cell that names the file; the report goes on
             print(f"warning: {rec['error']}; listed as failed", file=sys.stderr, flush=True)
-        rows.append(flatten_record(rec, run=rel.as_posix()))
+        row, cid = flatten_record(rec, run=rel.as_posix()), rec.get("cell_id")
+        if cid in by_cell:  # keep a completed run over any other
+            if rec.get("status") == "completed" and rows[by_cell[cid]]["status"] != "completed":
+                rows[by_cell[cid]] = row
+            continue
+        if cid:
+            by_cell[cid] = len(rows)
+        rows.append(row)
     return to_frame(rows)
 
 
@@ -414,7 +422,8 @@ def _status_rows(df: pd.DataFrame, status: Any | None) -> tuple[list[list[str]],
             rows.append([cell.status, run, f"`{cell.command_args()}`", err])
         c = status.counts()
         expected = f" of {status.grid_size} expected" if status.grid_size is not None else ""
-        counts = (f"{c['completed']} completed, {c['failed']} failed, {c['running']} running or killed, "
+        counts = (f"{c['completed']} completed, {c['failed']} failed, "
+                  f"{c['running'] + c.get('interrupted', 0)} running or killed, "
                   f"{c['missing']} missing{expected}")
     else:
         for r in df[df["status"] != "completed"].itertuples():

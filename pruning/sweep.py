@@ -1,12 +1,19 @@
 """Status of a sweep directory: which cells of the launched grid completed, failed, are still
-running (or were killed) and which never started, with the overrides that rerun them.
+running, were interrupted (a `running` record whose run lock is gone: killed) and which never
+started, with the overrides that rerun them.
 
-The expected grid is rebuilt from `<sweep_dir>/multirun.yaml` (written by Hydra when the sweep
-starts) exactly as Hydra's basic sweeper builds it: `hydra.sweeper.params` followed by the
-command-line overrides in `hydra.overrides.task` (a later value of a key replaces an earlier one),
-then the cartesian product. A cell is identified by its result-relevant overrides and its seed
-(the same identity as the run directory and `run_id`), so the matching does not depend on
-`hydra.sweep.subdir`.
+The expected grid is rebuilt from the multirun configs of every launcher of the sweep:
+`<sweep_dir>/.grids/*.yaml` (one per launcher, written by `pruning.callbacks` when a multirun
+starts, so concurrent launchers into one sweep never overwrite each other's grid) and
+`<sweep_dir>/multirun.yaml` (Hydra's copy, the last launcher's), each expanded exactly as Hydra's
+basic sweeper does: `hydra.sweeper.params` followed by the command-line overrides in
+`hydra.overrides.task` (a later value of a key replaces an earlier one), then the cartesian
+product; the expected grid is their union. A grid job is matched to its run by its
+result-relevant overrides and its seed (the same identity as the run directory and `run_id`), so
+the matching does not depend on `hydra.sweep.subdir`. Runs whose records carry the same `cell_id`
+(a hash of the resolved result-relevant settings, `pruning.config.cell_id`) are one cell, counted
+once (`method=magnitude seed=0` and `seed=0` in two ad-hoc sweeps), the others listed in
+`duplicates`.
 
     status = sweep_status("outputs/sweeps/study1")
     print(status.summary())            # counts, failed/missing cells, relaunch command
@@ -26,9 +33,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pruning.config import override_key, result_overrides, run_dirname
+from pruning.lock import is_live, read_lock
 from pruning.record import read_record
 
-STATUSES = ("completed", "failed", "running", "missing")
+STATUSES = ("completed", "failed", "running", "interrupted", "missing")
+GRID_DIR = ".grids"  # one multirun config per launcher of the sweep
+# which of several runs of one cell (same cell_id) represents it
+_RANK = {"completed": 0, "running": 1, "interrupted": 2, "failed": 3, "missing": 4}
 
 
 @dataclass
@@ -40,6 +51,7 @@ class Cell:
     status: str
     error: str | None = None
     expected: bool = True
+    cell_id: str | None = None
 
     def command_args(self) -> str:
         return " ".join(shlex.quote(o) for o in self.overrides)
@@ -51,7 +63,8 @@ class SweepStatus:
     cells: list[Cell] = field(default_factory=list)
     grid_size: int | None = None          # None when the grid could not be rebuilt
     grid_error: str | None = None          # why not (no multirun.yaml, non-grid sweeper, ...)
-    relaunch: str | None = None            # the original sweep command (skips completed cells)
+    relaunch: str | None = None            # the sweep command(s), one a line (skip completed cells)
+    duplicates: list[Cell] = field(default_factory=list)  # other runs of a cell (same cell_id)
 
     def _with(self, status: str) -> list[Cell]:
         return [c for c in self.cells if c.status == status]
@@ -69,13 +82,17 @@ class SweepStatus:
         return self._with("running")
 
     @property
+    def interrupted(self) -> list[Cell]:
+        return self._with("interrupted")
+
+    @property
     def missing(self) -> list[Cell]:
         return self._with("missing")
 
     @property
     def to_rerun(self) -> list[Cell]:
-        """Failed, missing and still-'running' (possibly killed) cells."""
-        return [c for c in self.cells if c.status in ("failed", "missing", "running")]
+        """Failed, missing, interrupted and still-'running' cells."""
+        return [c for c in self.cells if c.status in ("failed", "missing", "running", "interrupted")]
 
     def counts(self) -> dict[str, int]:
         return {s: len(self._with(s)) for s in STATUSES}
@@ -85,10 +102,13 @@ class SweepStatus:
         c = self.counts()
         expected = f" of {self.grid_size} expected" if self.grid_size is not None else ""
         lines = [f"sweep {self.sweep_dir}: {c['completed']} completed, {c['failed']} failed, "
-                 f"{c['running']} running or killed, {c['missing']} missing{expected}"]
+                 f"{c['running']} running, {c['interrupted']} interrupted, {c['missing']} missing{expected}"]
         if self.grid_error:
             lines.append(f"  (missing cells unknown: {self.grid_error})")
-        for status in ("failed", "running", "missing"):
+        if self.duplicates:
+            lines.append(f"  ({len(self.duplicates)} other run(s) of the same cells counted once, e.g. "
+                         f"{self.duplicates[0].run_dir})")
+        for status in ("failed", "running", "interrupted", "missing"):
             cells = self._with(status)
             for cell in cells[:max_cells]:
                 err = f"  # {cell.error.splitlines()[0][:120]}" if cell.error else ""
@@ -97,14 +117,14 @@ class SweepStatus:
                 lines.append(f"  ... and {len(cells) - max_cells} more {status} (see report/missing.txt)")
         if self.to_rerun and self.relaunch:
             lines.append("relaunch (completed cells are skipped, failed ones resumed):")
-            lines.append(f"  {self.relaunch}")
+            lines += [f"  {cmd}" for cmd in self.relaunch.splitlines()]
         return "\n".join(lines)
 
     def missing_text(self) -> str:
         """Contents of report/missing.txt: one line of overrides per cell to rerun."""
-        lines = ["# cells to rerun (failed, running/killed, missing), one line of overrides each"]
-        if self.relaunch:
-            lines.append(f"# relaunch the whole sweep (completed cells are skipped): {self.relaunch}")
+        lines = ["# cells to rerun (failed, running, interrupted, missing), one line of overrides each"]
+        for cmd in (self.relaunch or "").splitlines():
+            lines.append(f"# relaunch the whole sweep (completed cells are skipped): {cmd}")
         if self.grid_error:
             lines.append(f"# missing cells unknown: {self.grid_error}")
         for cell in self.to_rerun:
@@ -210,6 +230,22 @@ def _existing_runs(sweep_dir: Path) -> list[tuple[Path, dict[str, Any] | None, l
     return [(d, read_record(d / "result.json"), _read_overrides(d)) for d in sorted(dirs)]
 
 
+def grid_files(sweep_dir: str | Path) -> list[Path]:
+    """The multirun configs of a sweep's launchers: one per launcher, then Hydra's multirun.yaml."""
+    sweep_dir = Path(sweep_dir)
+    files = sorted((sweep_dir / GRID_DIR).glob("*.yaml"))
+    if (sweep_dir / "multirun.yaml").is_file():
+        files.append(sweep_dir / "multirun.yaml")
+    return files
+
+
+def grid_file_name(when: float, host: str, pid: int) -> str:
+    """Name of one launcher's grid file: sortable by start time, unique per process."""
+    import time
+
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(when)) + f"-{host}-{pid}.yaml"
+
+
 def _run_key(record: dict[str, Any] | None, overrides: list[str] | None, default_seed: Any) -> Any:
     if overrides is not None:
         return cell_key(overrides, default_seed)
@@ -228,19 +264,29 @@ def sweep_status(sweep_dir: str | Path) -> SweepStatus:
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
     status = SweepStatus(sweep_dir=sweep_dir)
-    default_seed: Any = 0
+    default_seed: Any = None
     grid: list[list[str]] | None = None
-    mr = sweep_dir / "multirun.yaml"
-    if mr.is_file():
+    launchers: list[tuple[str | None, set[Any]]] = []  # (relaunch command, cell keys) per launcher
+    errors = []
+    for path in grid_files(sweep_dir):
         try:
-            cfg = OmegaConf.load(mr)
-            default_seed = OmegaConf.select(cfg, "seed", default=0, throw_on_resolution_failure=False)
-            status.relaunch = relaunch_command(cfg)
-            grid = expected_grid(cfg)
-            status.grid_size = len(grid)
+            cfg = OmegaConf.load(path)
+            seed = OmegaConf.select(cfg, "seed", default=0, throw_on_resolution_failure=False)
+            default_seed = seed if default_seed is None else default_seed
+            jobs = expected_grid(cfg)
         except Exception as exc:
-            status.grid_error = f"cannot rebuild the grid from {mr}: {type(exc).__name__}: {exc}"
-    else:
+            errors.append(f"cannot rebuild the grid from {path}: {type(exc).__name__}: {exc}")
+            continue
+        grid = grid or []
+        known = {cell_key(job, default_seed) for job in grid}
+        grid += [job for job in jobs if cell_key(job, default_seed) not in known]
+        launchers.append((relaunch_command(cfg), {cell_key(job, default_seed) for job in jobs}))
+    default_seed = 0 if default_seed is None else default_seed
+    if grid is not None:
+        status.grid_size = len({cell_key(job, default_seed) for job in grid})
+    if errors:
+        status.grid_error = "; ".join(errors)
+    elif grid is None:
         status.grid_error = f"no multirun.yaml in {sweep_dir}"
 
     runs: dict[Any, tuple[Path, dict[str, Any] | None, list[str] | None]] = {}
@@ -258,7 +304,9 @@ def sweep_status(sweep_dir: str | Path) -> SweepStatus:
             return Cell(list(ovs), run_dir, "missing", None, expected)
         st = record.get("status", "running")
         st = st if st in STATUSES else "running"
-        return Cell(list(ovs), run_dir, st, record.get("error"), expected)
+        if st == "running" and not is_live(read_lock(run_dir)):
+            st = "interrupted"  # killed: no process holds its lock; a relaunch resumes it
+        return Cell(list(ovs), run_dir, st, record.get("error"), expected, record.get("cell_id"))
 
     seen = set()
     for job in grid or []:
@@ -272,4 +320,41 @@ def sweep_status(sweep_dir: str | Path) -> SweepStatus:
     for key, run in runs.items():
         if key not in seen:
             status.cells.append(cell_from(run, None, grid is None))
+    _merge_same_cells(status)
+    rerun = {cell_key(c.overrides, default_seed) for c in status.to_rerun}
+    commands = [cmd for cmd, keys in launchers if cmd and keys & rerun] or [cmd for cmd, _ in launchers if cmd]
+    status.relaunch = "\n".join(dict.fromkeys(commands)) or None
     return status
+
+
+def _merge_same_cells(status: SweepStatus) -> None:
+    """One cell per `cell_id`: the best run (completed first) stays, the others go to duplicates."""
+    best: dict[str, Cell] = {}
+    for cell in status.cells:
+        if cell.cell_id is None:
+            continue
+        other = best.get(cell.cell_id)
+        if other is None or _RANK[cell.status] < _RANK[other.status]:
+            best[cell.cell_id] = cell
+    keep = []
+    for cell in status.cells:
+        if cell.cell_id is not None and best[cell.cell_id] is not cell:
+            status.duplicates.append(cell)
+            if cell.expected and status.grid_size is not None:  # one expected cell, not two
+                status.grid_size -= 1
+        else:
+            keep.append(cell)
+    status.cells = keep
+
+
+def cells_of_grid(status: SweepStatus, grid_cfg: DictConfig) -> list[Cell]:
+    """The cells of one launcher's grid (its multirun config) in a sweep's status; a cell merged
+    into another run of the same cell_id is represented by that run."""
+    default_seed = OmegaConf.select(grid_cfg, "seed", default=0, throw_on_resolution_failure=False)
+    keys = {cell_key(job, default_seed) for job in expected_grid(grid_cfg)}
+    by_id = {c.cell_id: c for c in status.cells if c.cell_id}
+    out = []
+    for cell in status.cells + status.duplicates:
+        if cell_key(cell.overrides, default_seed) in keys:
+            out.append(by_id.get(cell.cell_id, cell) if cell.cell_id else cell)
+    return list({id(c): c for c in out}.values())

@@ -34,9 +34,10 @@ from pruning import noise as noise_mod
 from pruning.calibration import DatasetRows
 from pruning.checkpoint import StageCheckpoint, atomic_torch_save
 from pruning.data import DataBundle, build_dataset
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, RunCheckError
 from pruning.gradients import GradientMatrix, apply_row_noise, build_gradient_matrix, noise_cache_key
 from pruning.layout import ParamLayout, apply_mask, get_flat, make_layout, set_flat, sparsity_stats
+from pruning.lock import RunLock, describe
 from pruning.methods.base import PruneResult, PruningProblem, TrainContext
 from pruning.models import Classifier, build_model, load_weights
 from pruning.record import RunRecord, atomic_write_json, remove_with_digest, run_id_for, verify_digest
@@ -72,6 +73,15 @@ def cubic_sparsity(t: int, t0: int, t_end: int, s_init: float, s_final: float) -
     return s_final + (s_init - s_final) * (1.0 - frac) ** 3
 
 
+def _as(cast: Any, value: Any) -> Any:
+    """`cast(value)`, or `value` unchanged when it is not convertible (validation reports it; the
+    record must still be writable so the failure is recorded)."""
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        return value
+
+
 def _index(cfg: DictConfig, noise: noise_mod.NoiseModel) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
@@ -80,8 +90,8 @@ def _index(cfg: DictConfig, noise: noise_mod.NoiseModel) -> dict[str, Any]:
         "schedule": cfg.schedule.name,
         "noise": noise.kind if noise is not None else cfg.noise.get("kind", "none"),
         "noise_level": noise.level if noise is not None else 0.0,
-        "sparsity": float(cfg.sparsity),
-        "seed": int(cfg.seed),
+        "sparsity": _as(float, cfg.sparsity),
+        "seed": _as(int, cfg.seed),
         "sweep": cfg.sweep_name,
     }
 
@@ -116,7 +126,7 @@ class Job:
         self.noise: noise_mod.NoiseModel | None = None
         self.record = RunRecord(
             self.run_dir,
-            run_id=run_id_for(cfg.sweep_name, self.overrides, int(cfg.seed)),
+            run_id=run_id_for(cfg.sweep_name, self.overrides, _as(int, cfg.seed)),
             sweep=cfg.sweep_name,
             overrides=self.overrides,
             index=_index(cfg, None) if cfg.get("model") else {},
@@ -129,6 +139,9 @@ class Job:
         self.mask: torch.Tensor | None = None
         self.w_dense: torch.Tensor | None = None
         self.ckpt = StageCheckpoint(self.run_dir)  # state at stage boundaries: resume after preemption
+        self.lock = RunLock(self.run_dir)  # one writer per run directory
+        self.skipped = False
+        self._threads_before: int | None = None
 
     # ----------------------------------------------------------------- plumbing
     def say(self, msg: str) -> None:
@@ -167,8 +180,13 @@ class Job:
             self.say(f"skip: {self.run_dir} is already completed")
             self.record.data = existing
             return existing
-        config_mod.validate(cfg)
-        self.noise = noise_mod.build(cfg.noise)
+        if not self.lock.acquire():  # another process computes this cell right now
+            self.skipped = True
+            self.say(f"skip: {self.run_dir} is being run by another process ({describe(self.lock.holder or {})}); "
+                     f"not computing it twice (if that process is gone, delete {self.lock.path})")
+            return self.record.existing() or {"status": "running", "run_dir": str(self.run_dir)}
+        self.validate()
+        self.pin_threads()
         self.record.data["index"] = _index(cfg, self.noise)
         self.record.data["noise"] = self.noise.record()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +194,8 @@ class Job:
         atomic_write_json(self.run_dir / "config.resolved.json", resolved)
         self.ckpt.begin(self)  # resume from ckpt/state.pt, or start over (clears metrics.jsonl)
         self.record.start()
+        self.record.data["cell_id"] = config_mod.cell_id(resolved, method_params(cfg))
+        self.record.data["env"]["torch_threads"] = torch.get_num_threads()
         self.tracker = build_tracker(cfg.logger)
         try:
             self.tracker.start(self.record, resolved)
@@ -210,6 +230,63 @@ class Job:
         self.summary()
         return self.record.data
 
+    def validate(self) -> None:
+        """Every setting, before any data is loaded or a model trained: the run-level keys, the
+        method's dataclass config (and each `method_args` entry's), the noise model's config."""
+        cfg = self.cfg
+        config_mod.validate(cfg)
+        if cfg.task == "prune":
+            methods.make_config(cfg.method.name, method_params(cfg))
+        for name, extra in (cfg.get("method_args") or {}).items():
+            if name not in methods.available():
+                raise ConfigError(f"method_args.{name}", OmegaConf.to_container(extra) if OmegaConf.is_config(extra)
+                                  else extra, ", ".join(methods.available()), "is not a method")
+            if name == cfg.method.name:  # the active method's entry was checked merged with its group
+                continue
+            try:
+                methods.make_config(name, OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra)
+                                    else dict(extra))
+            except ConfigError as exc:  # name the key as the user wrote it
+                raise ConfigError(exc.key.replace("method.", f"method_args.{name}.", 1), exc.value, exc.allowed,
+                                  exc.problem) from None
+        self.noise = noise_mod.build(cfg.noise)
+        # the training recipes that will run (dense, fine-tuning, per-stage fine-tuning)
+        batch = int(cfg.dataset.get("batch_size", 64))
+        if cfg.model.get("train") is not None and not (cfg.model.get("checkpoint") and cfg.task == "prune"):
+            train_config(OmegaConf.to_container(cfg.model.train, resolve=True), "model.train")
+        if int(cfg.finetune.epochs) > 0:
+            train_config({"batch_size": batch, **OmegaConf.to_container(cfg.finetune, resolve=True)}, "finetune")
+        stage_ft = cfg.schedule.get("stage_finetune")
+        if cfg.schedule.name == "multistage" and int(cfg.schedule.get("finetune_epochs", 0)) > 0 and stage_ft:
+            train_config({"batch_size": batch, **OmegaConf.to_container(stage_ft, resolve=True),
+                          "epochs": int(cfg.schedule.finetune_epochs)}, "schedule.stage_finetune")
+
+    def pin_threads(self) -> None:
+        """torch.set_num_threads(threads); under deterministic=true `threads` defaults to 1, so the
+        result does not depend on the OMP_NUM_THREADS of the machine (local vs Slurm)."""
+        threads = config_mod.effective_threads(self.cfg)
+        if threads is not None:
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def unpin_threads(self) -> None:
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
+
+    def check_finite_weights(self, model: torch.nn.Module, source: str) -> None:
+        """NaN/inf anywhere in the dense weights would be pruned as if they were numbers (magnitude
+        ranks NaN unpredictably, the solvers return NaN): stop before pruning, naming the file."""
+        bad = {name: int((~torch.isfinite(t)).sum()) for name, t in model.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+        if bad:
+            first = next(iter(bad))
+            ckpt = source == self.cfg.model.get("checkpoint")
+            raise ConfigError("model.checkpoint" if ckpt else "model.train", source,
+                              "finite weights" + ("" if ckpt else " (delete the cached file; check the recipe's lr)"),
+                              f"has {sum(bad.values())} NaN/inf value(s) in "
+                              f"{len(bad)} tensor(s) (first: {first}, {bad[first]})")
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
@@ -227,8 +304,10 @@ class Job:
         if ckpt and cfg.task == "prune":
             load_weights(model, ckpt)
             self.say(f"loaded dense weights from {ckpt}")
+            self.check_finite_weights(model, str(ckpt))
         else:
             self.train_dense(model)
+            self.check_finite_weights(model, str(self.dense_cache_path()))
         self.model = model.to(self.device)
         self.w_dense = get_flat(self.model, self.layout)
         self.mask = torch.ones(self.layout.numel, dtype=torch.bool, device=self.device)
@@ -338,7 +417,22 @@ class Job:
         finally:
             rows.close()
         # gradient-row noise acts after the cache
-        return apply_row_noise(G, self.noise, generator(seed, f"noise/{stage}/gradients"))
+        G = apply_row_noise(G, self.noise, generator(seed, f"noise/{stage}/gradients"))
+        self.check_finite_gradients(G, stage)
+        return G
+
+    def check_finite_gradients(self, G: GradientMatrix, stage: int) -> None:
+        """NaN/inf in G (an overflowing loss, a noise setting) would make every solver return NaN
+        weights: stop before solving. One pass over G's blocks (a read of G in stream mode)."""
+        bad = 0
+        for b in range(len(G.blocks)):
+            block = G.block(b)
+            bad += int(block.numel() - int(torch.isfinite(block).sum()))
+        if bad:
+            noise = f", noise {self.noise.record()}" if self.noise is not None and self.noise.kind != "none" else ""
+            raise ConfigError("calibration", f"G of stage {stage} ({G.num_rows} x {G.num_cols}{noise})",
+                              "finite gradients (check the dense weights, noise.* and the data)",
+                              f"has {bad} NaN/inf entries")
 
     def prune_step(self, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor) -> PruneResult:
         name = self.cfg.method.name
@@ -405,6 +499,22 @@ class Job:
         pruned = self.eval_now()
         self.record.update_metrics(pruned_acc=pruned["acc"], pruned_loss=pruned["loss"], **stats)
         self.log({"phase": "pruned", **pruned, **stats})
+        self.check_sparsity(target, stats)
+
+    def check_sparsity(self, target: float, stats: dict[str, Any]) -> None:
+        """A weight-space method keeps k = floor((1 - s) p) weights (per tensor for layer-wise
+        rules), so the achieved sparsity is at least the target minus one weight per prunable
+        tensor; exact zeros of the dense model can only raise it. Less is a broken run (e.g. NaN
+        weights that never compare as small). Train-time methods (grda, sdprun: sparsity emerges
+        from the regulariser and is recorded; gfs: channels by its budget) are exempt."""
+        if methods.kind(self.cfg.method.name) == "train":
+            return
+        achieved, numel = float(stats["sparsity_prunable"]), int(stats["numel_prunable"])
+        tol = len(self.layout.names) / max(numel, 1) + 1e-9
+        if achieved < target - tol:
+            raise RunCheckError(f"achieved sparsity {achieved:.6f} misses the target sparsity={target} "
+                                f"(tolerance {tol:.2g}: one weight per prunable tensor); "
+                                f"{stats['nnz_prunable']}/{numel} prunable weights are non-zero")
 
     def gradual(self, target: float) -> None:
         """Prune at epochs start, start+freq, ..., end on the cubic schedule; train every epoch."""
@@ -550,21 +660,28 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> 
     try:
         return job.run()
     except BaseException as exc:
+        if not job.lock.acquired:  # the record belongs to the process holding the lock
+            raise
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             job.record.fail(f"interrupted: {type(exc).__name__}")
         else:
-            job.record.fail(str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}")
-            if not isinstance(exc, ConfigError):
+            one_line = isinstance(exc, ConfigError | RunCheckError)
+            job.record.data["error_type"] = "config" if isinstance(exc, ConfigError) else type(exc).__name__
+            job.record.fail(str(exc) if one_line else f"{type(exc).__name__}: {exc}")
+            if not one_line:
                 try:
                     (job.run_dir / "error.txt").write_text(traceback.format_exc())
                 except OSError:  # e.g. the disk is full: the record above already says failed
                     pass
         raise
-    finally:  # the tracker is always finished, on success and on failure
+    finally:  # the tracker is always finished, on success and on failure; then the lock is released
         try:
-            job.tracker.finish(job.record)
+            if not job.skipped:
+                job.tracker.finish(job.record)
         except Exception as exc:
             print(f"warning: tracker.finish failed: {exc}", file=sys.stderr)
+        job.unpin_threads()
+        job.lock.release()
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -577,15 +694,16 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         data = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
-    except ConfigError as exc:
+    except (ConfigError, RunCheckError) as exc:  # one line; exit 2 for a bad input, 1 for a failed check
         print(f"error: {exc}", file=sys.stderr, flush=True)
         if multirun and not cfg.get("fail_fast", False):
             return None
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
     except Exception as exc:
         if multirun and not cfg.get("fail_fast", False):
-            print(f"error: run failed ({type(exc).__name__}: {exc}); see {hc.runtime.output_dir}/error.txt",
-                  file=sys.stderr, flush=True)
+            error_txt = Path(hc.runtime.output_dir) / "error.txt"
+            where = f"; see {error_txt}" if error_txt.is_file() else ""
+            print(f"error: run failed ({type(exc).__name__}: {exc}){where}", file=sys.stderr, flush=True)
             return None
         raise
     acc = data.get("metrics", {}).get("final_acc")

@@ -173,7 +173,7 @@ def test_paired_differences_only_pair_same_seed_and_cell():
 def test_failed_and_missing_from_multirun_yaml(sweep_dir):
     status = sweep_status(sweep_dir)
     assert status.grid_size == 2 * 2 * 2 * 3 and status.grid_error is None
-    assert status.counts() == {"completed": 22, "failed": 1, "running": 0, "missing": 1}
+    assert status.counts() == {"completed": 22, "failed": 1, "running": 0, "interrupted": 0, "missing": 1}
     (failed,) = status.failed
     assert failed.overrides == ["method=swap", "sparsity=0.9", "noise.kappa=2", "noise=gradient", "seed=2"]
     assert "CUDA out of memory" in failed.error
@@ -186,17 +186,22 @@ def test_failed_and_missing_from_multirun_yaml(sweep_dir):
     assert "method=swap sparsity=0.9 noise.kappa=2 noise=gradient seed=2  # failed" in lines
     assert "method=magnitude sparsity=0.9 noise.kappa=2 noise=gradient seed=2  # missing" in lines
     text = status.summary()
-    assert "22 completed, 1 failed, 0 running or killed, 1 missing of 24 expected" in text
+    assert "22 completed, 1 failed, 0 running, 0 interrupted, 1 missing of 24 expected" in text
 
 
 def test_running_record_is_listed_for_rerun(sweep_dir):
     path = next(sweep_dir.glob("method=swap,noise.kappa=1,*sparsity=0.5/seed=0/result.json"))
     rec = read_json(path)
-    rec["status"] = "running"  # killed mid-run: never finished
+    rec["status"] = "running"  # killed mid-run: never finished, and nobody holds its run lock
     atomic_write_json(path, rec)
     status = sweep_status(sweep_dir)
-    assert [c.run_dir for c in status.running] == [path.parent]
+    assert [c.run_dir for c in status.interrupted] == [path.parent] and not status.running
     assert len(status.to_rerun) == 3
+    from pruning.lock import RunLock
+
+    with RunLock(path.parent):  # a live process runs it
+        status = sweep_status(sweep_dir)
+    assert [c.run_dir for c in status.running] == [path.parent] and len(status.to_rerun) == 3
 
 
 def test_sweep_without_runs_lists_every_cell_missing(tmp_path):
@@ -220,7 +225,7 @@ def test_without_multirun_yaml_lists_existing_runs(sweep_dir):
     (sweep_dir / "multirun.yaml").unlink()
     status = sweep_status(sweep_dir)
     assert status.grid_size is None and "no multirun.yaml" in status.grid_error
-    assert status.counts() == {"completed": 22, "failed": 1, "running": 0, "missing": 0}
+    assert status.counts() == {"completed": 22, "failed": 1, "running": 0, "interrupted": 0, "missing": 0}
 
 
 # ------------------------------------------------------------------- plots
@@ -323,7 +328,7 @@ def test_multirun_writes_report_via_callback(tmp_path, session_cache):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 completed, 0 failed, 0 running or killed, 0 missing of 4 expected" in proc.stdout
+    assert "4 completed, 0 failed, 0 running, 0 interrupted, 0 missing of 4 expected" in proc.stdout
     md = (sweep / "report" / "table.md").read_text()
     assert "# Sweep report: e2e" in md and "| 0.8 |" in md and "(n=2)" in md
     assert (sweep / "report" / "acc_vs_sparsity.png").stat().st_size > 0

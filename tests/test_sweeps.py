@@ -223,7 +223,7 @@ def test_quickstart_runs_end_to_end_and_writes_its_report(tmp_path, session_cach
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = out / "sweeps" / "quickstart"
-    assert "16 completed, 0 failed, 0 running or killed, 0 missing of 16 expected" in proc.stdout, proc.stdout[-3000:]
+    assert "16 completed, 0 failed, 0 running, 0 interrupted, 0 missing of 16 expected" in proc.stdout, proc.stdout[-3000:]
 
     results = pd.read_csv(sweep / "report" / "results.csv")
     assert len(results) == 16 and set(results["status"]) == {"completed"}

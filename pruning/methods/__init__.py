@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, closest
 from pruning.methods.base import PruneResult, PruningProblem
 
 __all__ = ["PruneResult", "PruningProblem", "available", "get", "make_config"]
@@ -57,8 +57,9 @@ def make_config(name: str, params: Mapping[str, Any]) -> Any:
     data = {k: v for k, v in dict(params).items() if k != "name"}
     bad = sorted(set(data) - fields)
     if bad:
-        raise ConfigError(f"method.{bad[0]}", data[bad[0]], ", ".join(sorted(fields)) or "(no keys)",
-                          f"is not a key of method '{name}'")
+        near = closest(bad[0], fields)  # a typo: name the closest key first
+        raise ConfigError(f"method.{bad[0]}", data[bad[0]], (f"did you mean method.{near}? " if near else "")
+                          + "keys: " + (", ".join(sorted(fields)) or "(none)"), f"is not a key of method '{name}'")
     cfg = module.Config(**data)
     if hasattr(cfg, "validate"):
         cfg.validate()
