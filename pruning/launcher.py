@@ -154,16 +154,16 @@ class JobProgress:
 # Slurm states of a job still waiting for a node (UNKNOWN: not yet visible to sacct); everything
 # that is neither waiting, over nor finished counts as running (RUNNING, COMPLETING, SUSPENDED, ...)
 _PENDING_STATES = ("PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "UNKNOWN", "REQUEUE_HOLD", "REQUEUE_FED")
-_DONE_STATES = ("COMPLETED", "FINISHED")  # Slurm's, and the local executor's for an exited process
 
 
 def job_category(state: str, has_result: bool) -> str:
     """pending | running | completed | failed for a submitit job state (Slurm's or the local
     executor's) and whether the job left its result pickle (a result means the job is over)."""
     word = state.split(" ")[0].upper()
-    if has_result or word in _DONE_STATES:
+    if has_result or word == "COMPLETED":  # Slurm's COMPLETED: the pickle may not be visible yet (NFS)
         return "completed"
-    if word in _DEAD_STATES:
+    # the local executor's FINISHED is any exit of its wrapper process; without a result the job died
+    if word in _DEAD_STATES or word == "FINISHED":
         return "failed"
     if word in _PENDING_STATES:
         return "pending"

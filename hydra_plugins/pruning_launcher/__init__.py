@@ -4,11 +4,10 @@ Hydra instantiates launchers only from the `hydra_plugins` namespace package; th
 next to launch.py. The logic lives in the installed package (`pruning.launcher`); instances of the
 submitit launchers pickle as the stock hydra-submitit-launcher classes, so workers never import
 this module. The configs registered here (`hydra/launcher=pruning_basic|pruning_slurm|pruning_local`)
-are the stock ones plus this project's keys, so conf/cluster/*.yaml can set them. (No `from __future__ import annotations`: Hydra executes
-this module without registering it in sys.modules, and dataclasses then cannot resolve string
-annotations.)
+are the stock ones plus this project's keys, so conf/cluster/*.yaml can set them.
+(No `from __future__ import annotations`: Hydra executes this module without registering it in
+sys.modules, and dataclasses then cannot resolve string annotations.)
 """
-
 
 from collections.abc import Sequence
 from dataclasses import dataclass
