@@ -58,8 +58,17 @@ def run_dirname(overrides: Sequence[str] | None) -> str:
     return name
 
 
+def study_names() -> str:
+    """The studies in sweeps/, wrapped for `launch.py --help` (resolver `${studies:}` in hydra.help)."""
+    import textwrap
+
+    names = ", ".join(sorted(p.stem for p in (CONF_DIR.parent / "sweeps").glob("*.yaml")))
+    return textwrap.fill(names, 100, break_on_hyphens=False)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_dirname", lambda ovs: run_dirname(list(ovs)), replace=True)
+    OmegaConf.register_new_resolver("studies", study_names, replace=True)
 
 
 register_resolvers()
