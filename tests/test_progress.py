@@ -88,3 +88,19 @@ def test_local_multirun_prints_job_k_of_n_with_eta(tmp_path: Path):
     assert [ln.split("  ")[0] for ln in lines] == ["job 1/3", "job 2/3", "job 3/3"], proc.stdout
     assert re.fullmatch(r"job 1/3  elapsed \S+  ETA -", lines[0])
     assert all(re.fullmatch(r"job \d/3  elapsed \d\S*  ETA \d\S*", ln) for ln in lines[1:]), lines
+
+
+def test_submitit_local_sweep_prints_job_counts(tmp_path: Path):
+    """cluster=submitit_local goes through the same launcher as cluster=slurm: after `submitted`,
+    count lines until every job is over (the jobs fail on their config: no training)."""
+    env = {**os.environ, "PRUNING_OUT_DIR": str(tmp_path / "out"), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "-m", "cluster=submitit_local",
+                           "progress=false", "sweep_name=prog_local", "sparsity=1.5,1.6",
+                           "hydra.launcher.progress_interval_s=0.5", "hydra.callbacks.report.enabled=false"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("submitted 2 job(s) (local "))
+    counts = [ln for ln in lines[start + 1:] if re.match(r"local \d+: 2 jobs: ", ln)]
+    assert counts and counts[-1].startswith(counts[-1].split(":")[0] + ": 2 jobs: 0 pending, 0 running, 2 completed, "
+                                            "0 failed"), proc.stdout
