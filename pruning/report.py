@@ -499,6 +499,8 @@ def sparsity_axis(ax: Any, sparsities: Iterable[float]) -> None:
     from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
     ticks = sorted({round(float(s), 10) for s in sparsities if 0.0 <= float(s) < 1.0})
+    if ticks:  # limits first (reversed: the larger kept fraction on the left), then the log scale
+        ax.set_xlim(kept(ticks[0]) * 1.25, kept(ticks[-1]) / 1.25)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator([kept(s) for s in ticks]))
     ax.xaxis.set_major_formatter(FixedFormatter([_g(s) for s in ticks]))

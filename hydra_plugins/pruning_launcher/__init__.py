@@ -4,13 +4,12 @@ Hydra instantiates launchers only from the `hydra_plugins` namespace package; th
 next to launch.py. The logic lives in the installed package (`pruning.launcher`); instances of the
 submitit launchers pickle as the stock hydra-submitit-launcher classes, so workers never import
 this module. The configs registered here (`hydra/launcher=pruning_basic|pruning_slurm|pruning_local`)
-are the stock ones plus this project's keys, so conf/cluster/*.yaml can set them.
-(No `from __future__ import annotations`: Hydra executes this module without registering it in
-sys.modules, and dataclasses then cannot resolve string annotations.)
+are the stock ones plus this project's keys, so conf/cluster/*.yaml can set them. They are plain
+dicts, not dataclasses: submitit pickles Hydra's ConfigStore and the composed config into every
+job, and a dataclass node would make each worker import its class from here.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
@@ -19,35 +18,29 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pruning import launcher as _impl
 
-
-@dataclass
-class PruningBasicConf:
-    _target_: str = "hydra_plugins.pruning_launcher.PruningBasicLauncher"
-    progress: bool = True           # a `job k/N  elapsed ..  ETA ..` line before each job
-
-
-@dataclass
-class PruningSlurmConf(SlurmQueueConf):
-    _target_: str = "hydra_plugins.pruning_launcher.PruningSlurmLauncher"
-    progress_interval_s: float = 60.0       # job counts at most this often while waiting (0: none)
-    max_array_size: int | None = None       # jobs per array; larger batches become arrays run in turn
+# this project's launcher keys on top of the stock ones
+_PROGRESS_KEYS = {
+    "progress_interval_s": 60.0,    # job counts at most this often while waiting for an array (0: none)
+    "max_array_size": None,         # jobs per array; larger batches become arrays submitted in turn
+}
 
 
-@dataclass
-class PruningLocalConf(LocalQueueConf):
-    _target_: str = "hydra_plugins.pruning_launcher.PruningLocalLauncher"
-    progress_interval_s: float = 60.0
-    max_array_size: int | None = None
+def _node(stock: type, target: str, **extra: Any) -> dict[str, Any]:
+    return {**OmegaConf.to_container(OmegaConf.structured(stock)), "_target_": target, **extra}
 
 
 _cs = ConfigStore.instance()
-_cs.store(group="hydra/launcher", name="pruning_basic", node=PruningBasicConf, provider="pruning")
-_cs.store(group="hydra/launcher", name="pruning_slurm", node=PruningSlurmConf, provider="pruning")
-_cs.store(group="hydra/launcher", name="pruning_local", node=PruningLocalConf, provider="pruning")
+_cs.store(group="hydra/launcher", name="pruning_basic", provider="pruning",
+          node={"_target_": "hydra_plugins.pruning_launcher.PruningBasicLauncher",
+                "progress": True})  # a `job k/N  elapsed ..  ETA ..` line before each job
+_cs.store(group="hydra/launcher", name="pruning_slurm", provider="pruning",
+          node=_node(SlurmQueueConf, "hydra_plugins.pruning_launcher.PruningSlurmLauncher", **_PROGRESS_KEYS))
+_cs.store(group="hydra/launcher", name="pruning_local", provider="pruning",
+          node=_node(LocalQueueConf, "hydra_plugins.pruning_launcher.PruningLocalLauncher", **_PROGRESS_KEYS))
 
 
 class PruningBasicLauncher(BasicLauncher):
