@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from test_slurm import slurm_cluster  # noqa: F401  (the fixture: a reachable Slurm cluster, else skip)
 
 from pruning.launcher import JobProgress, counts_line, fmt_duration, job_category, wait_with_progress
 
@@ -104,3 +105,22 @@ def test_submitit_local_sweep_prints_job_counts(tmp_path: Path):
     counts = [ln for ln in lines[start + 1:] if re.match(r"local \d+: 2 jobs: ", ln)]
     assert counts and counts[-1].startswith(counts[-1].split(":")[0] + ": 2 jobs: 0 pending, 0 running, 2 completed, "
                                             "0 failed"), proc.stdout
+
+
+@pytest.mark.slurm
+def test_slurm_sweep_prints_job_counts_per_array(slurm_cluster, tmp_path: Path):  # noqa: F811
+    """A real Slurm cluster (fixture of tests/test_slurm.py): three jobs, at most two per array, so
+    two arrays in turn, each followed by count lines from sacct that end with every job over."""
+    from test_slurm import _finish, _launch
+
+    out = slurm_cluster.work_dir / "progress" if slurm_cluster.work_dir else tmp_path
+    with _launch(out, out / "cache", "progress_slurm", "sparsity=1.5,1.6,1.7", "hydra.launcher.max_array_size=2",
+                 "hydra.launcher.progress_interval_s=1", "hydra.callbacks.report.enabled=false") as proc:
+        text = _finish(proc, timeout=240)
+    assert proc.returncode == 0, text[-3000:]
+    arrays = re.findall(r"^submitted (\d) job\(s\) \(slurm (\d+)\)", text, flags=re.M)
+    assert [n for n, _ in arrays] == ["2", "1"], text
+    for n, array in arrays:
+        counts = re.findall(rf"^slurm {array}: {n} jobs: (\d) pending, (\d) running, (\d) completed, (\d) failed",
+                            text, flags=re.M)
+        assert counts and counts[-1] == ("0", "0", n, "0"), text
