@@ -107,6 +107,11 @@ def run_dirname(overrides: Sequence[str] | None) -> str:
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_dirname", lambda ovs: run_dirname(list(ovs)), replace=True)
+    # `${studies:}` in hydra.help: the studies in sweeps/, wrapped. Self-contained on purpose: submitit
+    # pickles the resolvers into every job, and a lambda that names nothing new pickles by value.
+    OmegaConf.register_new_resolver("studies", lambda: __import__("textwrap").fill(
+        ", ".join(sorted(p.stem for p in (CONF_DIR.parent / "sweeps").glob("*.yaml"))), 100,
+        break_on_hyphens=False), replace=True)
 
 
 register_resolvers()

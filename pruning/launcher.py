@@ -20,7 +20,10 @@ from __future__ import annotations
 import logging
 import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +142,119 @@ def collect(launcher: Any, job: Any, overrides: Sequence[str], job_num: int) -> 
         return ret
 
 
+def fmt_duration(seconds: float) -> str:
+    """A short human duration: 42s, 3m05s, 2h07m."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+@dataclass
+class JobProgress:
+    """`job k/N` lines of a sweep whose jobs run one after another (cluster=local): elapsed time and
+    an ETA = mean time per finished job x jobs remaining. One instance lives as long as the launcher,
+    so a sweeper that launches several batches (Optuna) keeps one clock; `total` grows with them."""
+
+    total: int = 0
+    finished: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self, k: int, now: float | None = None) -> str:
+        elapsed = (time.monotonic() if now is None else now) - self.started
+        eta = fmt_duration(elapsed / self.finished * (self.total - self.finished)) if self.finished else "-"
+        return f"job {k}/{self.total}  elapsed {fmt_duration(elapsed)}  ETA {eta}"
+
+
+# Slurm states of a job still waiting for a node (UNKNOWN: not yet visible to sacct); everything
+# that is neither waiting, over nor finished counts as running (RUNNING, COMPLETING, SUSPENDED, ...)
+_PENDING_STATES = ("PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "UNKNOWN", "REQUEUE_HOLD", "REQUEUE_FED")
+
+
+def job_category(state: str, has_result: bool) -> str:
+    """pending | running | completed | failed for a submitit job state (Slurm's or the local
+    executor's) and whether the job left its result pickle (a result means the job is over)."""
+    word = state.split(" ")[0].upper()
+    if has_result or word == "COMPLETED":  # Slurm's COMPLETED: the pickle may not be visible yet (NFS)
+        return "completed"
+    # the local executor's FINISHED is any exit of its wrapper process; without a result the job died
+    if word in _DEAD_STATES or word == "FINISHED":
+        return "failed"
+    if word in _PENDING_STATES:
+        return "pending"
+    return "running"
+
+
+def job_counts(jobs: Sequence[Any]) -> Counter[str]:
+    """Counts of `job_category` over submitit jobs, from `job.state`: submitit's shared watcher, one
+    sacct call for all jobs of the sweep (see `refresh_states`), never a squeue per job."""
+    counts: Counter[str] = Counter()
+    for job in jobs:
+        try:
+            state = str(job.state)
+        except Exception:  # sacct briefly unreachable: count it as waiting rather than stop the sweep
+            state = "UNKNOWN"
+        counts[job_category(state, job.paths.result_pickle.exists())] += 1
+    return counts
+
+
+def counts_line(label: str, counts: Counter[str], total: int, elapsed: float) -> str:
+    """One progress line of a submitted array, e.g. `slurm 1234: 8 jobs: 1 pending, 4 running,
+    2 completed, 1 failed (elapsed 2m05s)`."""
+    parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("pending", "running", "completed", "failed"))
+    return f"{label}: {total} jobs: {parts} (elapsed {fmt_duration(elapsed)})"
+
+
+def refresh_states(jobs: Sequence[Any]) -> None:
+    """One sacct call for all jobs of the sweep (submitit's shared watcher). Left alone, the watcher
+    refreshes at most every 10 minutes once jobs are old; the local executor has nothing to refresh."""
+    if not jobs:
+        return
+    try:
+        jobs[0].watcher.update()
+    except Exception:  # NotImplementedError (local executor's base watcher), sacct errors
+        pass
+
+
+def wait_with_progress(jobs: Sequence[Any], label: str, interval_s: float,
+                       out: Callable[[str], None] | None = None, poll_s: float = 5.0) -> None:
+    """Wait until every job is over, printing `counts_line` when the counts have changed, at most
+    once per `interval_s` (the last line, all jobs over, always). interval_s <= 0: no lines."""
+    out = out or (lambda msg: print(msg, flush=True))
+    started = time.monotonic()
+    last: Counter[str] | None = None
+    last_time = -float("inf")
+    refreshed = time.monotonic()
+    while True:
+        if interval_s > 0 and time.monotonic() - refreshed >= interval_s:
+            refresh_states(jobs)
+            refreshed = time.monotonic()
+        counts = job_counts(jobs)
+        over = counts["completed"] + counts["failed"] == len(jobs)
+        now = time.monotonic()
+        if interval_s > 0 and counts != last and (over or now - last_time >= interval_s):
+            out(counts_line(label, counts, len(jobs), now - started))
+            last, last_time = counts, now
+        if over:
+            return
+        time.sleep(min(poll_s, interval_s) if interval_s > 0 else poll_s)
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     """BaseSubmititLauncher.launch of hydra-submitit-launcher 1.2 (one job array per batch), with
-    `collect` instead of `j.results()[0]`."""
+    `collect` instead of `j.results()[0]`, a line of job counts every `progress_interval_s` while
+    it waits, and batches of at most `max_array_size` jobs per array (submitted in turn)."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     assert launcher.config is not None
     assert len(job_overrides) > 0
     params = dict(launcher.params)
+    # this project's keys (conf/cluster/*.yaml): not submitit parameters
+    interval_s = float(params.pop("progress_interval_s", 60.0) or 0)
+    array_size = params.pop("max_array_size", None)
     if not params.get("gpus_per_node"):  # 0 or null: no --gpus-per-node flag on Slurm, 0 GPUs locally
         params["gpus_per_node"] = None if launcher._EXECUTOR == "slurm" else 0
     init_keys = {"max_num_timeout"}
@@ -168,8 +275,16 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
         job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-    jobs = executor.map_array(launcher, *zip(*job_params))
-    if jobs:
-        print(f"submitted {len(jobs)} job(s) ({launcher._EXECUTOR} {jobs[0].job_id.split('_')[0]}); "
+    size = int(array_size) if array_size else len(job_params)
+    returns: list[JobReturn] = []
+    for start in range(0, len(job_params), size):
+        chunk = job_params[start:start + size]
+        jobs = executor.map_array(launcher, *zip(*chunk))
+        if not jobs:
+            continue
+        array = jobs[0].job_id.split("_")[0]
+        print(f"submitted {len(jobs)} job(s) ({launcher._EXECUTOR} {array}); "
               f"logs in {Path(str(params['submitit_folder'])).parent}", flush=True)
-    return [collect(launcher, job, p[0], p[2]) for job, p in zip(jobs, job_params)]
+        wait_with_progress(jobs, f"{launcher._EXECUTOR} {array}", interval_s)
+        returns += [collect(launcher, job, p[0], p[2]) for job, p in zip(jobs, chunk)]
+    return returns

@@ -10,9 +10,12 @@ writes under `<sweep_dir>/report/` (or `--out`):
   table.md              comparison tables (methods x sparsity per model/dataset/noise setting,
                         best per row in bold), paired differences, failed and missing runs
   missing.txt           overrides that rerun failed, killed and missing cells
-  acc_vs_sparsity*.png  metric vs sparsity per method, seed band, one panel per noise setting,
-                        dense baseline dashed
+  acc_vs_sparsity*.png  metric vs sparsity per method, seed band, n per method in the legend, one
+                        panel per noise setting, dense baseline dashed; x: log scale of the fraction
+                        kept (1 - sparsity), reversed, ticks labelled by sparsity
+  paired_vs_sparsity*   paired differences vs the reference method with their CI, same x axis
   acc_vs_noise*.png     metric vs noise level at a fixed sparsity (when the noise level varies)
+  (every plot also as .pdf; PNGs at 300 dpi)
 
 Labels derived from a run's result-relevant overrides:
   method label   the method plus its swept hyperparameters, e.g. `magnitude[scope=layerwise]`
@@ -504,52 +507,205 @@ def _plot_groups(done: pd.DataFrame) -> list[tuple[str, dict[str, Any], pd.DataF
     return out
 
 
+# human axis labels of the record's metric names (others: underscores become spaces)
+METRIC_LABELS = {
+    "final_acc": "test accuracy",
+    "pruned_acc": "test accuracy after pruning (before fine-tuning)",
+    "finetuned_acc": "test accuracy after fine-tuning",
+    "dense_acc": "dense test accuracy",
+    "final_loss": "test loss",
+    "pruned_loss": "test loss after pruning (before fine-tuning)",
+    "finetuned_loss": "test loss after fine-tuning",
+    "dense_loss": "dense test loss",
+    "sparsity": "sparsity",
+    "sparsity_prunable": "achieved sparsity (prunable tensors)",
+}
+PLOT_DPI = 300   # PNG for drafts and slides; the PDF next to it is vector
+SPARSITY_FIGURE_COLS = ["model", "dataset", "schedule", "variant"]  # noise settings become panels
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def _n_label(ns: Iterable[Any]) -> str:
+    """`n=5`, or `n=3-5` when the number of seeds differs between points."""
+    vals = sorted({int(n) for n in ns if n == n})
+    if not vals:
+        return "n=0"
+    return f"n={vals[0]}" if len(vals) == 1 else f"n={vals[0]}-{vals[-1]}"
+
+
+def kept(sparsity: Any) -> Any:
+    """The x coordinate of the sparsity plots: the fraction of weights kept, 1 - sparsity."""
+    return 1.0 - sparsity
+
+
+def sparsity_axis(ax: Any, sparsities: Iterable[float]) -> None:
+    """Log scale on the kept fraction 1 - s, reversed so sparsity grows to the right, ticks at the
+    swept sparsities labelled by sparsity: 0.9, 0.95, 0.98 and 0.99 are evenly spread instead of
+    crowded at the right edge of a linear axis, where methods differ most."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    ticks = sorted({round(float(s), 10) for s in sparsities if 0.0 <= float(s) < 1.0})
+    if ticks:  # limits first (reversed: the larger kept fraction on the left), then the log scale
+        ax.set_xlim(kept(ticks[0]) * 1.25, kept(ticks[-1]) / 1.25)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([kept(s) for s in ticks]))
+    ax.xaxis.set_major_formatter(FixedFormatter([_g(s) for s in ticks]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(ticks) > 6:
+        ax.tick_params(axis="x", labelrotation=45)
+    if not ax.xaxis_inverted():
+        ax.invert_xaxis()
+    ax.set_xlabel("sparsity (log scale of the fraction kept)")
+
+
 def _band(ax: Any, x: Sequence[float], mean: pd.Series, std: pd.Series, label: str, color: Any) -> None:
     ax.plot(x, mean, marker="o", label=label, color=color)
     s = std.fillna(0.0)
     ax.fill_between(x, mean - s, mean + s, alpha=0.2, color=color)
 
 
-def plot_acc_vs_sparsity(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_METRIC,
-                         reference: str = DEFAULT_REFERENCE) -> list[Path]:
-    """metric vs sparsity, one line per method with a ±std band over seeds, one panel per noise
-    setting, the dense baseline dashed. One PNG per (model, dataset, schedule, noise kind, variant)."""
+def _save(fig: Any, out_dir: str | Path, stem: str) -> list[Path]:
+    """PNG at PLOT_DPI and a PDF of the same figure; returns [png, pdf]."""
+    png, pdf = Path(out_dir) / f"{stem}.png", Path(out_dir) / f"{stem}.pdf"
+    fig.savefig(png, dpi=PLOT_DPI)
+    fig.savefig(pdf)
+    return [png, pdf]
+
+
+def _figure_groups(frame: pd.DataFrame) -> list[tuple[str, dict[str, Any], pd.DataFrame, list[tuple]]]:
+    """One figure per (model, dataset, schedule, variant): its file suffix, key, rows and panels,
+    one panel per noise setting (kind, label, level), noise-free first."""
+    groups = list(frame.groupby(SPARSITY_FIGURE_COLS, dropna=False, sort=True))
+    out = []
+    for key, grp in groups:
+        suffix = "" if len(groups) == 1 else "_" + _slug(key)
+        panels = grp.drop_duplicates(["noise", "noise_label", "noise_level"])
+        panels = panels.assign(_clean=panels["noise"] != "none").sort_values(
+            ["_clean", "noise", "noise_level", "noise_label"])
+        out.append((suffix, dict(zip(SPARSITY_FIGURE_COLS, key)), grp,
+                    list(zip(panels["noise"], panels["noise_label"], panels["noise_level"]))))
+    return out
+
+
+def _panel_axes(fig: Any, n: int) -> list[Any]:
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return axes[:n]
+
+
+def _panel(grp: pd.DataFrame, panel: tuple) -> pd.DataFrame:
+    kind, label, level = panel
+    same_level = (grp["noise_level"] == level) | (grp["noise_level"].isna() & pd.isna(level))
+    return grp[(grp["noise"] == kind) & (grp["noise_label"] == label) & same_level]
+
+
+def _suptitle(fig: Any, key: Mapping[str, Any], extra: str = "") -> None:
+    title = f"{key['model']} / {key['dataset']} ({key['schedule']}) {key['variant'] or ''}".strip()
+    fig.suptitle(f"{title}{extra}", fontsize=10)
+
+
+def sparsity_figures(df: pd.DataFrame, metric: str = DEFAULT_METRIC,
+                     reference: str = DEFAULT_REFERENCE) -> list[tuple[str, Any]]:
+    """(file suffix, matplotlib Figure) per (model, dataset, schedule, variant): metric vs sparsity,
+    one line per method with a ±std band over seeds and its number of seeds in the legend, one
+    panel per noise setting, the dense baseline dashed; x = `sparsity_axis`."""
     from matplotlib.figure import Figure
 
     done = _completed(df, metric).dropna(subset=[metric])
-    paths = []
     dm = dense_metric(metric)
-    for suffix, key, grp in _plot_groups(done):
-        panels = grp.drop_duplicates(["noise_label", "noise_level"]).sort_values(["noise_level", "noise_label"])
-        panel_keys = list(zip(panels["noise_label"], panels["noise_level"]))
+    out = []
+    for suffix, key, grp, panels in _figure_groups(done):
         methods = _method_order(grp["method_label"], reference)
-        fig = Figure(figsize=(4.5 * len(panel_keys), 3.6), layout="constrained")
-        axes = fig.subplots(1, len(panel_keys), squeeze=False, sharey=True)[0]
-        for ax, (nlabel, nlevel) in zip(axes, panel_keys):
-            sub = grp[(grp["noise_label"] == nlabel) & (grp["noise_level"] == nlevel)]
+        cols = min(len(panels), 3)
+        fig = Figure(figsize=(4.2 * cols, 3.4 * -(-len(panels) // cols)), layout="constrained")
+        for ax, panel in zip(_panel_axes(fig, len(panels)), panels):
+            sub = _panel(grp, panel)
             for i, m in enumerate(methods):
-                agg = sub[sub["method_label"] == m].groupby("sparsity")[metric].agg(["mean", "std"])
+                agg = sub[sub["method_label"] == m].groupby("sparsity")[metric].agg(["mean", "std", "count"])
                 if not agg.empty:
-                    _band(ax, agg.index.to_list(), agg["mean"], agg["std"], m, f"C{i}")
+                    _band(ax, kept(agg.index.to_numpy(dtype=float)), agg["mean"], agg["std"],
+                          f"{m} ({_n_label(agg['count'])})", f"C{i}")
             if dm and dm in sub.columns and sub[dm].notna().any():
                 ax.axhline(float(pd.to_numeric(sub[dm]).mean()), ls="--", color="k", lw=1, label="dense")
-            ax.set_title(f"noise: {nlabel}", fontsize=9)
-            ax.set_xlabel("sparsity")
+            sparsity_axis(ax, grp["sparsity"])
+            ax.set_title(f"noise: {panel[1]}", fontsize=9)
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel(metric)
-        axes[-1].legend(fontsize=8)
-        fig.suptitle(f"{key['model']} / {key['dataset']} ({key['schedule']}) {key['variant'] or ''}".strip(),
-                     fontsize=10)
-        path = Path(out_dir) / f"acc_vs_sparsity{suffix}.png"
-        fig.savefig(path, dpi=110)
-        paths.append(path)
+            ax.legend(fontsize=7)
+        for ax in fig.axes[::cols]:
+            ax.set_ylabel(metric_label(metric))
+        _suptitle(fig, key)
+        out.append((suffix, fig))
+    return out
+
+
+def plot_acc_vs_sparsity(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_METRIC,
+                         reference: str = DEFAULT_REFERENCE) -> list[Path]:
+    """`sparsity_figures` as acc_vs_sparsity[_<model_dataset_schedule>].png (300 dpi) and .pdf."""
+    paths = []
+    for suffix, fig in sparsity_figures(df, metric, reference):
+        paths += _save(fig, out_dir, f"acc_vs_sparsity{suffix}")
+    return paths
+
+
+def paired_figures(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: str = DEFAULT_REFERENCE,
+                   confidence: float = 0.95) -> list[tuple[str, Any]]:
+    """(file suffix, Figure) of the paired differences metric(method) - metric(reference) (same cell
+    and seed, `paired_differences`) vs sparsity: mean with its t-interval as error bars (none with
+    one seed), a zero line, the same x axis and panels as `sparsity_figures`."""
+    from matplotlib.figure import Figure
+
+    paired = paired_differences(df, metric, reference, confidence) if not df.empty else pd.DataFrame()
+    if paired.empty:
+        return []
+    paired = paired.assign(noise_level=pd.to_numeric(paired["noise_level"], errors="coerce"))
+    methods = _method_order(list(paired["method_label"]) + [reference], reference)[1:]
+    out = []
+    for suffix, key, grp, panels in _figure_groups(paired):
+        cols = min(len(panels), 3)
+        fig = Figure(figsize=(4.2 * cols, 3.4 * -(-len(panels) // cols)), layout="constrained")
+        for ax, panel in zip(_panel_axes(fig, len(panels)), panels):
+            sub = _panel(grp, panel)
+            ax.axhline(0.0, color="k", lw=1)
+            for i, m in enumerate(methods, start=1):  # colours as in sparsity_figures (C0 = reference)
+                rows = sub[sub["method_label"] == m].sort_values("sparsity")
+                if rows.empty:
+                    continue
+                x = kept(rows["sparsity"].to_numpy(dtype=float))
+                err = [(rows["mean_diff"] - rows["ci_low"]).fillna(0.0),
+                       (rows["ci_high"] - rows["mean_diff"]).fillna(0.0)]
+                ax.errorbar(x, rows["mean_diff"], yerr=err, marker="o", capsize=3, color=f"C{i}",
+                            label=f"{m} ({_n_label(rows['n'])})")
+            sparsity_axis(ax, grp["sparsity"])
+            ax.set_title(f"noise: {panel[1]}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in fig.axes[::cols]:
+            ax.set_ylabel(f"{metric_label(metric)}: method - {reference}")
+        _suptitle(fig, key, f", paired differences ({confidence:.0%} CI over seeds)")
+        out.append((suffix, fig))
+    return out
+
+
+def plot_paired_vs_sparsity(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_METRIC,
+                            reference: str = DEFAULT_REFERENCE) -> list[Path]:
+    """`paired_figures` as paired_vs_sparsity[_<suffix>].png (300 dpi) and .pdf."""
+    paths = []
+    for suffix, fig in paired_figures(df, metric, reference):
+        paths += _save(fig, out_dir, f"paired_vs_sparsity{suffix}")
     return paths
 
 
 def plot_acc_vs_noise(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_METRIC,
                       sparsity: float | None = None, reference: str = DEFAULT_REFERENCE) -> list[Path]:
     """metric vs noise level at one sparsity (default: the highest of each group), one line per
-    method with a ±std band over seeds; only for groups whose noise level varies."""
+    method with a ±std band over seeds and its number of seeds in the legend; only for groups
+    whose noise level varies. PNG (300 dpi) and PDF."""
     from matplotlib.figure import Figure
 
     done = _completed(df, metric).dropna(subset=[metric])
@@ -565,18 +721,16 @@ def plot_acc_vs_noise(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAU
         fig = Figure(figsize=(5, 3.6), layout="constrained")
         ax = fig.subplots()
         for i, m in enumerate(_method_order(sub["method_label"], reference)):
-            agg = sub[sub["method_label"] == m].groupby("noise_level")[metric].agg(["mean", "std"])
-            _band(ax, agg.index.to_list(), agg["mean"], agg["std"], m, f"C{i}")
+            agg = sub[sub["method_label"] == m].groupby("noise_level")[metric].agg(["mean", "std", "count"])
+            _band(ax, agg.index.to_list(), agg["mean"], agg["std"], f"{m} ({_n_label(agg['count'])})", f"C{i}")
         if dm and dm in sub.columns and sub[dm].notna().any():
             ax.axhline(float(pd.to_numeric(sub[dm]).mean()), ls="--", color="k", lw=1, label="dense")
         ax.set_xlabel(f"noise level ({key['noise']})")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric_label(metric))
         ax.set_title(f"{key['model']} / {key['dataset']} at sparsity {_g(s)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        path = Path(out_dir) / f"acc_vs_noise{suffix}.png"
-        fig.savefig(path, dpi=110)
-        paths.append(path)
+        paths += _save(fig, out_dir, f"acc_vs_noise{suffix}")
     return paths
 
 
@@ -609,11 +763,13 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_ME
     summary.to_csv(out_dir / "summary.csv", index=False)
     paired.to_csv(out_dir / "paired.csv", index=False)
     files += [out_dir / "results.csv", out_dir / "summary.csv", out_dir / "paired.csv"]
-    pngs: list[Path] = []
+    plot_files: list[Path] = []
     if plots and not df.empty and (df["status"] == "completed").any():
-        pngs = plot_acc_vs_sparsity(df, out_dir, metric, reference)
-        pngs += plot_acc_vs_noise(df, out_dir, metric, at_sparsity, reference)
-    files += pngs
+        plot_files = plot_acc_vs_sparsity(df, out_dir, metric, reference)
+        plot_files += plot_paired_vs_sparsity(df, out_dir, metric, reference)
+        plot_files += plot_acc_vs_noise(df, out_dir, metric, at_sparsity, reference)
+    files += plot_files
+    pngs = [p for p in plot_files if p.suffix == ".png"]  # table.md shows the PNGs; the PDFs sit next to them
     md = render_markdown(df, metric, reference, status, [p.name for p in pngs], title)
     (out_dir / "table.md").write_text(md)
     files.append(out_dir / "table.md")

@@ -61,3 +61,17 @@ def test_main_job_runs_then_skips(tmp_path):
     assert "sparsity=0.5" in rec["run_dir"]
     again = launch(tmp_path, "sparsity=0.5")
     assert again.returncode == 0 and "skip" in again.stdout
+
+
+def test_help_lists_groups_options_and_studies(tmp_path):
+    """`launch.py --help` is this project's help (hydra.help.template in conf/config.yaml)."""
+    proc = launch(tmp_path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("pruning-noise:") and "README.md" in out and "Powered by Hydra" not in out
+    for group in ("method", "model", "dataset", "noise", "schedule", "cluster", "resources"):
+        line = next((ln for ln in out.splitlines() if ln.startswith(f"{group}: ")), None)
+        assert line is not None, out
+        assert set(line.split(": ", 1)[1].split(", ")) == {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}
+    studies = {p.stem for p in (ROOT / "sweeps").glob("*.yaml")}
+    assert studies and all(s in out.replace("\n", " ") for s in studies), out

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from pruning.callbacks import ReportCallback
 from pruning.config import result_overrides, run_dirname
@@ -25,11 +26,14 @@ from pruning.record import atomic_write_json, read_json, run_id_for
 from pruning.report import (
     load_local,
     main,
+    metric_label,
     paired_ci,
     paired_differences,
+    paired_figures,
     render_markdown,
     report_sweep,
     rows_from_wandb,
+    sparsity_figures,
     summarize,
     to_frame,
 )
@@ -232,16 +236,90 @@ def test_without_multirun_yaml_lists_existing_runs(sweep_dir):
 
 def test_plots_are_written_as_png(sweep_dir):
     report = report_sweep(sweep_dir, plots=True)
+    stems = ["acc_vs_noise", "acc_vs_sparsity", "paired_vs_sparsity"]
     pngs = sorted(p.name for p in (sweep_dir / "report").glob("*.png"))
-    assert pngs == ["acc_vs_noise.png", "acc_vs_sparsity.png"]
+    assert pngs == [f"{s}.png" for s in stems]
+    assert sorted(p.name for p in (sweep_dir / "report").glob("*.pdf")) == [f"{s}.pdf" for s in stems]
     for name in pngs:
         data = (sweep_dir / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        with Image.open(sweep_dir / "report" / name) as im:
+            assert round(im.info["dpi"][0]) == 300 and im.size[0] >= 1500
+    for stem in stems:
+        assert (sweep_dir / "report" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
     assert "![acc_vs_sparsity](acc_vs_sparsity.png)" in report.markdown
+    assert "![paired_vs_sparsity](paired_vs_sparsity.png)" in report.markdown and ".pdf" not in report.markdown
     csv = pd.read_csv(sweep_dir / "report" / "results.csv")
     assert len(csv) == 23 and set(csv["status"]) == {"completed", "failed"}
     assert {"method_label", "noise_label", "final_acc", "dense_acc"} <= set(csv.columns)
 
+
+
+def tick_labels(ax) -> dict[float, str]:
+    """x tick position (kept fraction) -> its label, as the formatter draws it."""
+    fmt = ax.xaxis.get_major_formatter()
+    return {round(float(t), 9): fmt(t, i) for i, t in enumerate(ax.get_xticks())}
+
+
+def test_sparsity_axis_is_log_of_kept_fraction_reversed_with_sparsity_ticks(sweep_dir):
+    df = load_local(sweep_dir)
+    [(suffix, fig)] = sparsity_figures(df)
+    assert suffix == ""
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2  # one panel per noise setting: kappa 1 and 2
+    for ax in axes:
+        assert ax.get_xscale() == "log" and ax.xaxis_inverted()
+        assert sorted(round(t, 9) for t in ax.get_xticks()) == [0.1, 0.5]     # 1 - 0.9, 1 - 0.5
+        assert tick_labels(ax) == {0.1: "0.9", 0.5: "0.5"}
+        assert ax.get_xlabel().startswith("sparsity")
+        xs = sorted(round(float(x), 9) for x in ax.get_lines()[0].get_xdata())
+        assert xs == [0.1, 0.5]
+    assert axes[0].get_ylabel() == "test accuracy" and "final_acc" not in axes[0].get_ylabel()
+    assert [ax.get_title() for ax in axes] == ["noise: gradient(kappa=1)", "noise: gradient(kappa=2)"]
+    legend = [t.get_text() for t in axes[1].get_legend().get_texts()]
+    # kappa=2: magnitude misses seed 2 at 0.9 and swap's seed 2 failed there
+    assert legend == ["magnitude (n=2-3)", "swap (n=2-3)", "dense"]
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["magnitude (n=3)", "swap (n=3)", "dense"]
+
+
+def test_paired_plot_error_bars_are_the_hand_computed_interval(sweep_dir):
+    """swap - magnitude at sparsity 0.5, kappa 1: per-seed diffs 0.03, 0.04, 0.02 -> mean 0.03,
+    sd 0.01, half width t(0.975, 2) 0.01 / sqrt(3) = 0.024841 (as in test_paired_ci)."""
+    [(_, fig)] = paired_figures(load_local(sweep_dir))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.xaxis_inverted()
+    assert ax.get_ylabel() == "test accuracy: method - magnitude"
+    assert any(list(line.get_ydata()) == [0.0, 0.0] for line in ax.get_lines())  # zero line
+    [container] = ax.containers
+    data_line, caps, _ = container.lines
+    x = [round(float(v), 9) for v in data_line.get_xdata()]
+    i = x.index(0.5)
+    assert data_line.get_ydata()[i] == pytest.approx(0.03, abs=1e-9)
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)
+    assert sorted([caps[0].get_ydata()[i], caps[1].get_ydata()[i]]) == \
+        [pytest.approx(0.03 - half, abs=1e-9), pytest.approx(0.03 + half, abs=1e-9)]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["swap (n=3)"]
+
+
+def test_noise_settings_share_one_figure_with_a_panel_each():
+    """A sweep over noise kinds (none and gradient) gives one figure, noise-free panel first."""
+    rows = []
+    for kind, label, level in (("gradient", "gradient(kappa=2)", 2.0), ("none", "none", 0.0)):
+        for method in ("magnitude", "woodfisher"):
+            for s in (0.5, 0.9, 0.95, 0.98):
+                for seed in range(2):
+                    rows.append({"model": "mlp", "dataset": "digits", "schedule": "oneshot", "noise": kind,
+                                 "noise_label": label, "noise_level": level, "variant": "", "method": method,
+                                 "method_label": method, "sparsity": s, "seed": seed, "status": "completed",
+                                 "final_acc": 0.9 - s / 2 + (0.05 if method == "woodfisher" else 0.0) + seed / 100,
+                                 "dense_acc": 0.97})
+    df = pd.DataFrame(rows)
+    [(_, fig)] = sparsity_figures(df)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["noise: none", "noise: gradient(kappa=2)"]
+    assert sorted(tick_labels(axes[0]).values()) == ["0.5", "0.9", "0.95", "0.98"]
+    assert tick_labels(axes[0])[0.02] == "0.98"
+    assert metric_label("pruned_acc").startswith("test accuracy") and metric_label("my_metric") == "my metric"
 
 # -------------------------------------------------------------------- W&B
 
