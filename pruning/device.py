@@ -48,7 +48,7 @@ def pick_device(spec: str, gpus_requested: int = 0) -> tuple[torch.device, str |
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         available = torch.cuda.is_available()  # torch warns here when the driver is too old
-    device = resolve_device(spec)
+        device = resolve_device(spec)
     if str(spec) != "auto" or device.type != "cpu" or available:
         return device, None
     hints = _gpu_hints(int(gpus_requested or 0))
