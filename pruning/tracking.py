@@ -18,7 +18,8 @@ W&B mapping (one W&B run per job, created and finished inside the task):
             methods), `<phase>/stage` for pruning stages; in loops `<phase>/acc` summarises as
             `max` and `<phase>/loss` as `min` (best epoch), other keys as their last value
   summary   the record's final metrics under their record names (`final_acc`, `dense_acc`, ...),
-            `status`, and `time/<stage>`; the same flat schema `pruning.report` reads back
+            `status`, `time/<stage>` and `metric_names` (which keys are record metrics, some with a
+            `/` like `analog/acc_mean@t=1d`); the same flat schema `pruning.report` reads back
   artifact  with `logger.log_model: true`, `<run_dir>/model.pt` as a "model" artifact named
             `model-<run_id>` (one name across attempts: each upload is a new version), metadata
             = index keys, run_id, sha256 and the final metrics
@@ -109,11 +110,13 @@ def wandb_config(record_data: Mapping[str, Any], config: Mapping[str, Any]) -> d
 
 
 def wandb_summary(record_data: Mapping[str, Any]) -> dict[str, Any]:
-    """The run summary: final metrics under their record names, `time/<stage>`, status, attempt,
-    error. `pruning.report.record_from_wandb` reads it back into the run-record shape."""
+    """The run summary: final metrics under their record names (listed in `metric_names`),
+    `time/<stage>`, status, attempt, error. `pruning.report.record_from_wandb` reads it back into the run-record shape."""
     summary: dict[str, Any] = {k: n for k, v in (record_data.get("metrics") or {}).items()
                                if (n := _number(v)) is not None}
     summary.update({f"time/{k}": v for k, v in (record_data.get("timings") or {}).items()})
+    # which keys are record metrics (names may hold a `/`, like history keys): pruning.report reads it
+    summary["metric_names"] = sorted(str(k) for k in (record_data.get("metrics") or {}))
     summary["status"] = record_data.get("status")
     summary["attempt"] = record_data.get("attempt")
     if record_data.get("error"):
