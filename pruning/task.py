@@ -625,9 +625,9 @@ def main(cfg: DictConfig) -> float | None:
         if multirun and not cfg.get("fail_fast", False):
             return None
         raise SystemExit(2) from None
-    except Exception as exc:
+    except Exception as exc:  # in launch.log too (Hydra prints the traceback of a single run on stderr only)
+        log.error(f"run failed ({type(exc).__name__}: {exc}); see {hc.runtime.output_dir}/error.txt")
         if multirun and not cfg.get("fail_fast", False):
-            log.error(f"run failed ({type(exc).__name__}: {exc}); see {hc.runtime.output_dir}/error.txt")
             return None
         raise
     acc = data.get("metrics", {}).get("final_acc")

@@ -122,3 +122,21 @@ def test_console_handler_format(capsys):
         h.handle(logging.LogRecord("pruning.x", level, __file__, 1, msg, None, None))
     captured = capsys.readouterr()
     assert captured.out == "hello\n" and captured.err == "warning: careful\nerror: broken\n"
+
+
+def test_config_error_of_a_launch_is_in_its_log(tmp_path):
+    out = tmp_path / "outputs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "launch.py", f"paths.out_root={out}", f"model.checkpoint={tmp_path / 'nope.pt'}",
+         "device=cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: model.checkpoint=") and proc.stderr.count("\n") == 1
+    log = next(out.glob("runs/**/launch.log")).read_text()
+    assert "[ERROR] - model.checkpoint=" in log and "does not exist" in log
+
+
+def test_describe_device(monkeypatch):
+    assert device_mod.describe(torch.device("cpu")) == f"cpu ({torch.get_num_threads()} threads)"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"NVIDIA H200 #{index}")
+    assert device_mod.describe(torch.device("cuda:1")) == "cuda:1 NVIDIA H200 #1"
