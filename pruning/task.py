@@ -164,7 +164,7 @@ class Job:
             self.tracker.log(row, self.step)
         except Exception as exc:  # a dashboard failure never fails the run
             log.warning(f"tracker.log failed: {exc}")
-        if "epoch" in row:  # the plain progress line when bars are off (not a terminal)
+        if "epoch" in row and "stage" not in row:  # the plain progress line when bars are off (not a tty)
             log.log(logging.INFO if self.epoch_lines else logging.DEBUG, "  %s", _row_line(row))
 
     def eval_now(self) -> dict[str, float]:

@@ -36,8 +36,8 @@ from typing import Any
 from pruning.errors import ConfigError, choice
 
 WANDB_MODES = ("online", "offline", "disabled")
-# x-axis of a phase: the first of these keys its rows carry
-_PHASE_AXES = ("epoch", "stage")
+# x-axis of a phase: the first of these keys its rows carry (gradual's prune rows carry both)
+_PHASE_AXES = ("stage", "epoch")
 
 log = logging.getLogger(__name__)
 

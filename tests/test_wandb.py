@@ -284,3 +284,17 @@ def test_to_wandb_defaults_to_offline_and_says_so(tmp_path, monkeypatch, capsys,
     out = capsys.readouterr().out
     (offline,) = (sweep / "report" / "wandb").glob("offline-run-*-report-*")
     assert f"written offline to {offline}" in out and "nothing uploaded" in out and "uploaded to" not in out
+
+
+def test_gradual_prune_rows_keep_the_stage_axis(make_cfg, tmp_path, monkeypatch):
+    """Gradual pruning logs prune rows (with their epoch) inside its training loop: `prune/*` is
+    still against `prune/stage`, the loop's rows against `gradual/epoch`."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    run(make_cfg(FAST, "logger=wandb", "schedule=gradual", "schedule.epochs=3", "schedule.end=1",
+                 "dataset.batch_size=256", "save_model=false"), run_dir)
+    records = _records(_wandb_files(run_dir)[0])
+    metrics = {m.glob_name or m.name: m for m in _by_type(records, "metric")}
+    assert metrics["prune/*"].step_metric == "prune/stage"
+    assert metrics["gradual/*"].step_metric == "gradual/epoch" and metrics["gradual/acc"].summary.max
+    assert not _by_type(records, "artifact")  # no model file, no artifact
