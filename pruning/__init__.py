@@ -5,3 +5,13 @@ plain arguments and small dataclasses. Hydra lives at the edge (`launch.py`, `pr
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["PrunedModel", "load_pruned"]
+
+
+def __getattr__(name: str):  # lazy: `import pruning` stays light (no torch) until a loader is used
+    if name in ("load_pruned", "PrunedModel"):
+        from pruning import artifacts
+
+        return getattr(artifacts, name)
+    raise AttributeError(f"module 'pruning' has no attribute {name!r}")

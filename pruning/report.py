@@ -153,9 +153,19 @@ def load_local(sweep_dir: str | Path) -> pd.DataFrame:
     return to_frame(rows)
 
 
+# history keys in a W&B summary are `<phase>/<key>` (pruning.tracking); record metrics may also hold
+# a `/` (e.g. `analog/acc_mean@t=1d`), so runs logged before `metric_names` existed fall back to these
+_HISTORY_PHASE = re.compile(r"(dense|dense_train|prune|pruned|finetune|stage\d+_finetune|gradual|final|gfs|grda|"
+                            r"sdprun|time|plots)/")
+_SUMMARY_META = ("status", "attempt", "error", "metric_names")
+
+
 def record_from_wandb(run: Any) -> dict[str, Any] | None:
     """A run record (result.json shape) from a `wandb.Api` run logged by `WandbTracker`; None for
-    report runs. Uses run.config (flat index keys, overrides), run.summary and run.state."""
+    report runs. Uses run.config (flat index keys, overrides), run.summary and run.state.
+
+    The record's metrics are the summary keys listed in `metric_names` (written by the tracker),
+    names with a `/` included; older runs without it keep every number but history and time keys."""
     if getattr(run, "job_type", None) == "report":
         return None
     config = {k: v for k, v in dict(run.config or {}).items() if not str(k).startswith("_")}
@@ -163,9 +173,13 @@ def record_from_wandb(run: Any) -> dict[str, Any] | None:
     summary = dict(getattr(summary_obj, "_json_dict", summary_obj) or {})
     index = {k: config.get(k) for k in INDEX_KEYS}
     index["sweep"] = index.get("sweep") or getattr(run, "group", None)
-    metrics = {k: v for k, v in summary.items()
-               if not str(k).startswith("_") and "/" not in str(k) and k not in ("status", "attempt", "error")
-               and (v is None or isinstance(v, (int, float)))}
+    names = summary.get("metric_names")
+    if isinstance(names, (list, tuple)):
+        metrics = {str(k): summary.get(k) for k in names}
+    else:
+        metrics = {k: v for k, v in summary.items() if not str(k).startswith("_") and k not in _SUMMARY_META
+                   and not _HISTORY_PHASE.match(str(k))}
+    metrics = {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float))}
     status = summary.get("status") or _WANDB_STATE.get(str(getattr(run, "state", "")), "running")
     return {
         "status": status,
@@ -806,6 +820,17 @@ def _wandb_defaults(sweep_dir: Path | None) -> dict[str, Any]:
     return {}
 
 
+def wandb_mode(mode: str | None = None) -> str:
+    """`--wandb-mode`, else $WANDB_MODE, else offline: the same default as `logger=wandb`."""
+    return mode or os.environ.get("WANDB_MODE") or "offline"
+
+
+def _offline_dir(out_dir: Path, run_id: str) -> Path | None:
+    """The newest offline run folder of `run_id` under `<out_dir>/wandb`."""
+    found = sorted((Path(out_dir) / "wandb").glob(f"offline-run-*-{run_id}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def upload_to_wandb(report: Report, group: str, project: str | None = None, entity: str | None = None,
                     mode: str | None = None) -> str:
     """Log the tables and plots to a run with job_type="report" in the sweep's group (one fixed id
@@ -813,7 +838,7 @@ def upload_to_wandb(report: Report, group: str, project: str | None = None, enti
     import wandb
 
     project = project or os.environ.get("WANDB_PROJECT") or "pruning-noise"
-    mode = mode or os.environ.get("WANDB_MODE") or "online"
+    mode = wandb_mode(mode)
     run_id = "report-" + hashlib.sha1(f"{entity}/{project}/{group}".encode()).hexdigest()[:12]
 
     def table(df: pd.DataFrame) -> Any:
@@ -864,7 +889,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-project", help="project for --to-wandb (default: the runs' logger.project)")
     p.add_argument("--wandb-entity", help="entity for --to-wandb")
     p.add_argument("--wandb-mode", choices=("online", "offline"),
-                   help="mode for --to-wandb (default: $WANDB_MODE, else online)")
+                   help="mode for --to-wandb (default: $WANDB_MODE, else offline, as logger=wandb)")
     return p
 
 
@@ -901,8 +926,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              else defaults.get("project"))
             entity = args.wandb_entity or (args.from_wandb.split("/", 1)[0] if args.from_wandb
                                            and "/" in args.from_wandb else defaults.get("entity"))
-            run_id = upload_to_wandb(report, group, project, entity, args.wandb_mode)
-            print(f"uploaded to W&B run {run_id} (group {group}, job_type report)")
+            mode = wandb_mode(args.wandb_mode)
+            run_id = upload_to_wandb(report, group, project, entity, mode)
+            where = _offline_dir(report.out_dir, run_id) if mode in ("offline", "dryrun") else None
+            if mode in ("online", "run"):
+                print(f"uploaded to W&B run {run_id} (group {group}, job_type report)")
+            elif where is not None:
+                print(f"written offline to {where} (W&B run {run_id}, group {group}, job_type report; "
+                      f"nothing uploaded): upload with `wandb sync {where}`")
+            else:
+                print(f"nothing uploaded to W&B (mode {mode})")
     except (FileNotFoundError, KeyError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)

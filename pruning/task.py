@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -29,8 +29,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pruning import config as config_mod
+from pruning import device as device_mod
 from pruning import methods
 from pruning import noise as noise_mod
+from pruning.artifacts import save_pruned
 from pruning.calibration import DatasetRows
 from pruning.checkpoint import StageCheckpoint, atomic_torch_save
 from pruning.data import DataBundle, build_dataset
@@ -38,6 +40,7 @@ from pruning.errors import ConfigError, RunCheckError
 from pruning.gradients import GradientMatrix, apply_row_noise, build_gradient_matrix, noise_cache_key
 from pruning.layout import ParamLayout, apply_mask, get_flat, make_layout, set_flat, sparsity_stats
 from pruning.lock import RunLock, describe
+from pruning.logs import ensure_console, show_progress
 from pruning.methods.base import PruneResult, PruningProblem, TrainContext
 from pruning.models import Classifier, build_model, load_weights
 from pruning.record import RunRecord, atomic_write_json, remove_with_digest, run_id_for, verify_digest
@@ -51,6 +54,15 @@ from pruning.train import (
     train_config,
     train_epoch,
 )
+
+log = logging.getLogger(__name__)
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    """`finetune epoch 3: loss 0.4121 acc 0.9120 ...` from a metrics row."""
+    items = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+             if k not in ("phase", "step", "epoch")]
+    return f"{row.get('phase', '')} epoch {row.get('epoch')}: " + " ".join(items)
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -122,7 +134,10 @@ class Job:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.overrides = config_mod.result_overrides(overrides)
-        self.progress = bool(cfg.get("progress", True))
+        ensure_console()
+        # tqdm bars only on a terminal; elsewhere (Slurm logs) one log line per epoch instead
+        self.progress = show_progress(bool(cfg.get("progress", True)))
+        self.epoch_lines = bool(cfg.get("progress", True)) and not self.progress
         self.noise: noise_mod.NoiseModel | None = None
         self.record = RunRecord(
             self.run_dir,
@@ -145,7 +160,7 @@ class Job:
 
     # ----------------------------------------------------------------- plumbing
     def say(self, msg: str) -> None:
-        print(msg, flush=True)
+        log.info(msg)  # console and <run_dir>/<job_name>.log (Hydra's job logging)
 
     @contextmanager
     def stage(self, name: str):
@@ -161,7 +176,9 @@ class Job:
         try:
             self.tracker.log(row, self.step)
         except Exception as exc:  # a dashboard failure never fails the run
-            print(f"warning: tracker.log failed: {exc}", file=sys.stderr)
+            log.warning(f"tracker.log failed: {exc}")
+        if "epoch" in row and "stage" not in row:  # the plain progress line when bars are off (not a tty)
+            log.log(logging.INFO if self.epoch_lines else logging.DEBUG, "  %s", _row_line(row))
 
     def eval_now(self) -> dict[str, float]:
         return evaluate(self.model, self.data.test, self.device, int(self.cfg.eval.batch_size),
@@ -193,6 +210,7 @@ class Job:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         atomic_write_json(self.run_dir / "config.resolved.json", resolved)
         self.ckpt.begin(self)  # resume from ckpt/state.pt, or start over (clears metrics.jsonl)
+        self.record.data["wandb_id"] = self.wandb_id(existing)
         self.record.start()
         self.record.data["cell_id"] = config_mod.cell_id(resolved, method_params(cfg))
         self.record.data["env"]["torch_threads"] = torch.get_num_threads()
@@ -200,7 +218,7 @@ class Job:
         try:
             self.tracker.start(self.record, resolved)
         except Exception as exc:
-            print(f"warning: tracker.start failed: {exc}", file=sys.stderr)
+            log.warning(f"tracker.start failed: {exc}")
         t_all = time.perf_counter()
         with self.stage("setup"):
             self.setup()
@@ -224,6 +242,8 @@ class Job:
                 self.ckpt.save(self, "finetune")
             with self.stage("eval"):
                 self.final_eval()
+        if cfg.get("save_model", True):
+            self.save_model()
         self.record.set_timing("total", time.perf_counter() - t_all)
         self.record.complete()
         self.ckpt.clear()
@@ -287,10 +307,25 @@ class Job:
                               f"has {sum(bad.values())} NaN/inf value(s) in "
                               f"{len(bad)} tensor(s) (first: {first}, {bad[first]})")
 
+    def wandb_id(self, previous: dict[str, Any] | None) -> str:
+        """The W&B run id of this attempt: a resumed attempt continues the run of the attempt it
+        resumes; a fresh start (first attempt, resume=false, no or unusable state) gets a new id
+        (`<run_id>-a<attempt>` after the first), so W&B never drops its rows as steps going back."""
+        run_id = self.record.data["run_id"]
+        if self.ckpt.state is not None and previous:
+            return str(previous.get("wandb_id") or run_id)
+        attempt = int(previous.get("attempt", 0)) + 1 if previous else 1
+        return run_id if attempt == 1 else f"{run_id}-a{attempt}"
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.device = config_mod.resolve_device(cfg.device)
+        gpus = (cfg.get("resources") or {}).get("gpus", 0) or 0
+        self.device, fallback = device_mod.pick_device(cfg.device, int(gpus))
+        self.record.data["env"]["device"] = device_mod.describe(self.device)
+        self.record.data["env"]["device_fallback"] = fallback
+        if fallback:
+            log.warning(fallback)
         torch.manual_seed(derive_seed(int(cfg.seed), "global"))
         if cfg.get("deterministic", False):
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -607,6 +642,21 @@ class Job:
         self.record.update_metrics(final_acc=final["acc"], final_loss=final["loss"], **stats, **extra)
         self.log({"phase": "final", **final, **stats})
 
+    def save_model(self) -> None:
+        """The pruned (and fine-tuned) weights and mask as `<run_dir>/model.pt` (see pruning.artifacts),
+        its digest in result.json, and the W&B model artifact with `logger.log_model`."""
+        meta = {"run_id": self.record.data["run_id"], "task": self.cfg.task, "index": self.record.data["index"],
+                "metrics": {k: v for k, v in self.record.data["metrics"].items()
+                            if v is None or isinstance(v, (int, float, str, bool))}}
+        entry = save_pruned(self.run_dir, self.model, self.mask if self.cfg.task == "prune" else None,
+                            list(self.layout.names), meta)
+        self.record.data["model_file"] = entry
+        self.record.save()
+        try:
+            self.tracker.log_model(self.run_dir / entry["path"], self.record)
+        except Exception as exc:  # a dashboard failure never fails the run
+            log.warning(f"tracker.log_model failed: {exc}")
+
     def summary(self) -> None:
         m, ix = self.record.data["metrics"], self.record.data["index"]
 
@@ -616,6 +666,7 @@ class Job:
         lines = [
             "",
             f"run      {self.run_dir}",
+            f"device   {self.record.data['env'].get('device', '-')}",
             f"cell     model={ix['model']} dataset={ix['dataset']} method={ix['method']} "
             f"schedule={ix['schedule']} noise={ix['noise']}({f(ix['noise_level'])}) seed={ix['seed']}",
         ]
@@ -633,6 +684,9 @@ class Job:
             ]
         t = self.record.data["timings"]
         lines.append("time     " + "  ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+        if self.record.data.get("model_file"):
+            lines.append(f"model    {self.run_dir / self.record.data['model_file']['path']} "
+                         "(pruning.load_pruned(run_dir))")
         lines.append(f"record   {self.record.path}")
         self.say("\n".join(lines))
 
@@ -679,7 +733,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> 
             if not job.skipped:
                 job.tracker.finish(job.record)
         except Exception as exc:
-            print(f"warning: tracker.finish failed: {exc}", file=sys.stderr)
+            log.warning(f"tracker.finish failed: {exc}")
         job.unpin_threads()
         job.lock.release()
 
@@ -695,15 +749,15 @@ def main(cfg: DictConfig) -> float | None:
     try:
         data = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     except (ConfigError, RunCheckError) as exc:  # one line; exit 2 for a bad input, 1 for a failed check
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        log.error(str(exc))
         if multirun and not cfg.get("fail_fast", False):
             return None
         raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
-    except Exception as exc:
+    except Exception as exc:  # in launch.log too (Hydra prints the traceback of a single run on stderr only)
+        error_txt = Path(hc.runtime.output_dir) / "error.txt"
+        where = f"; see {error_txt}" if error_txt.is_file() else ""
+        log.error(f"run failed ({type(exc).__name__}: {exc}){where}")
         if multirun and not cfg.get("fail_fast", False):
-            error_txt = Path(hc.runtime.output_dir) / "error.txt"
-            where = f"; see {error_txt}" if error_txt.is_file() else ""
-            print(f"error: run failed ({type(exc).__name__}: {exc}){where}", file=sys.stderr, flush=True)
             return None
         raise
     acc = data.get("metrics", {}).get("final_acc")

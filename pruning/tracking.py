@@ -3,22 +3,32 @@ tracker never fails a run: `logger=local` is the no-op tracker below, `logger=wa
 run to Weights & Biases (`WandbTracker`).
 
 W&B mapping (one W&B run per job, created and finished inside the task):
-  id        the record's `run_id` (sha1 of sweep, result-relevant overrides, seed): a requeued job
-            re-enters the same run directory and resumes the same W&B run (`resume="allow"`)
+  id        the record's `wandb_id`: its `run_id` (sha1 of sweep, result-relevant overrides, seed)
+            for the first attempt; a requeued job that resumes from its saved state continues that
+            W&B run (`resume="allow"`); an attempt that starts over (resume=false, no usable state)
+            gets `<run_id>-a<attempt>`, a new W&B run, since its steps start again from 1
   group     the sweep name;  job_type  the method;  tags  model, dataset, noise kind (+ logger.tags)
   name      a short label, e.g. `swap-s0.95-gradient1.0-seed3`
   config    flat index keys (model, dataset, method, schedule, noise, noise_level, sparsity, seed,
             sweep, run_id, overrides) for grouping/filtering, plus the resolved config under `cfg`
   history   each logged row as `<phase>/<key>` (e.g. `prune/acc`, `finetune/loss`) at the task's
-            own step counter, so steps re-logged after a resume are dropped, not duplicated
+            own step counter, so steps re-logged after a resume are dropped, not duplicated.
+            Each phase has its own x-axis (`wandb.define_metric`, on its first row): `<phase>/epoch`
+            for training loops (dense_train, finetune, stage<t>_finetune, gradual, train-time
+            methods), `<phase>/stage` for pruning stages; in loops `<phase>/acc` summarises as
+            `max` and `<phase>/loss` as `min` (best epoch), other keys as their last value
   summary   the record's final metrics under their record names (`final_acc`, `dense_acc`, ...),
-            `status`, and `time/<stage>`; the same flat schema `pruning.report` reads back
+            `status`, `time/<stage>` and `metric_names` (which keys are record metrics, some with a
+            `/` like `analog/acc_mean@t=1d`); the same flat schema `pruning.report` reads back
+  artifact  with `logger.log_model: true`, `<run_dir>/model.pt` as a "model" artifact named
+            `model-<run_id>` (one name across attempts: each upload is a new version), metadata
+            = index keys, run_id, sha256 and the final metrics
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +36,10 @@ from typing import Any
 from pruning.errors import ConfigError, choice
 
 WANDB_MODES = ("online", "offline", "disabled")
+# x-axis of a phase: the first of these keys its rows carry (gradual's prune rows carry both)
+_PHASE_AXES = ("stage", "epoch")
+
+log = logging.getLogger(__name__)
 
 
 class Tracker:
@@ -37,12 +51,15 @@ class Tracker:
     def log(self, row: Mapping[str, Any], step: int) -> None:
         pass
 
+    def log_model(self, path: Path, record: Any) -> None:
+        pass
+
     def finish(self, record: Any) -> None:
         pass
 
 
 def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    log.warning(msg)
 
 
 def _number(v: Any) -> float | int | None:
@@ -73,6 +90,11 @@ def run_label(index: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
+def model_artifact_name(run_id: str) -> str:
+    """W&B artifact name of a run's model: the same for every attempt of the run."""
+    return f"model-{run_id}"
+
+
 def wandb_config(record_data: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """Flat index keys for grouping and filtering, plus the plain resolved config under `cfg`.
 
@@ -88,11 +110,13 @@ def wandb_config(record_data: Mapping[str, Any], config: Mapping[str, Any]) -> d
 
 
 def wandb_summary(record_data: Mapping[str, Any]) -> dict[str, Any]:
-    """The run summary: final metrics under their record names, `time/<stage>`, status, attempt,
-    error. `pruning.report.record_from_wandb` reads it back into the run-record shape."""
+    """The run summary: final metrics under their record names (listed in `metric_names`),
+    `time/<stage>`, status, attempt, error. `pruning.report.record_from_wandb` reads it back into the run-record shape."""
     summary: dict[str, Any] = {k: n for k, v in (record_data.get("metrics") or {}).items()
                                if (n := _number(v)) is not None}
     summary.update({f"time/{k}": v for k, v in (record_data.get("timings") or {}).items()})
+    # which keys are record metrics (names may hold a `/`, like history keys): pruning.report reads it
+    summary["metric_names"] = sorted(str(k) for k in (record_data.get("metrics") or {}))
     summary["status"] = record_data.get("status")
     summary["attempt"] = record_data.get("attempt")
     if record_data.get("error"):
@@ -108,6 +132,7 @@ class WandbTracker(Tracker):
         self.mode = str(self.cfg.get("mode") or "offline")
         self.run: Any = None
         self._failed = False
+        self._phases: set[str] = set()  # phases whose metrics are defined
 
     def _fail(self, what: str, exc: BaseException) -> None:
         self._failed = True
@@ -126,7 +151,7 @@ class WandbTracker(Tracker):
             self.run = wandb.init(
                 project=self.cfg.get("project") or "pruning-noise",
                 entity=self.cfg.get("entity") or None,
-                id=data["run_id"],
+                id=data.get("wandb_id") or data["run_id"],
                 resume="allow",
                 group=data.get("sweep") or index.get("sweep"),
                 job_type=str(index.get("method", "run")),
@@ -151,9 +176,41 @@ class WandbTracker(Tracker):
         if not metrics:
             return
         try:
+            if phase not in self._phases:
+                self._define(phase, row)
             self.run.log(metrics, step=int(step))
         except Exception as exc:
             self._fail("log", exc)
+
+    def _define(self, phase: str, row: Mapping[str, Any]) -> None:
+        """The phase's x-axis and summaries, declared before its first row is logged."""
+        self._phases.add(phase)
+        axis = next((k for k in _PHASE_AXES if _number(row.get(k)) is not None), None)
+        if axis is None:
+            return  # single rows (dense, pruned, final): the global step is their axis
+        x = f"{phase}/{axis}"
+        self.run.define_metric(x, hidden=False)
+        self.run.define_metric(f"{phase}/*", step_metric=x)
+        if axis == "epoch":  # the best epoch; the record's final metrics stay the final values
+            self.run.define_metric(f"{phase}/acc", step_metric=x, summary="max")
+            self.run.define_metric(f"{phase}/loss", step_metric=x, summary="min")
+
+    def log_model(self, path: Path, record: Any) -> None:
+        """`model.pt` as a W&B "model" artifact (with `logger.log_model: true`)."""
+        if self.run is None or self._failed or not self.cfg.get("log_model", True):
+            return
+        data = record.data
+        try:
+            import wandb
+
+            meta = {**(data.get("index") or {}), "run_id": data.get("run_id"),
+                    "sha256": (data.get("model_file") or {}).get("sha256"),
+                    **{k: n for k, v in (data.get("metrics") or {}).items() if (n := _number(v)) is not None}}
+            art = wandb.Artifact(model_artifact_name(data.get("run_id") or "run"), type="model", metadata=meta)
+            art.add_file(str(path), name=Path(path).name)
+            self.run.log_artifact(art, aliases=["latest", f"attempt{data.get('attempt', 1)}"])
+        except Exception as exc:
+            self._fail("log_model", exc)
 
     def finish(self, record: Any) -> None:
         run, self.run = self.run, None

@@ -365,7 +365,7 @@ def test_to_wandb_offline_writes_report_run(sweep_dir, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main([str(sweep_dir), "--to-wandb", "--no-plots"]) == 0
     out = capsys.readouterr().out
-    assert "uploaded to W&B run report-" in out and "group synth" in out
+    assert "written offline to " in out and "W&B run report-" in out and "group synth" in out
     files = list((sweep_dir / "report").glob("wandb/offline-run-*/run-report-*.wandb"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
