@@ -805,6 +805,21 @@ def solve(op: Any, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: in
         res = iht_ls(obj, op, w0c, k, cfg)
     else:
         res = active_set_iht(obj, op, w0c, k, cfg)
+    if k > 0:
+        res.info.update(progress_info(res, w0c, k))
     res.w = (res.w * res.mask).to(w0.device, out_dtype)
     res.mask = res.mask.to(w0.device)
     return res
+
+
+def progress_info(res: SolveResult, w0: torch.Tensor, k: int) -> dict[str, Any]:
+    """`no_progress`: the solver returned H_k(w0), its own starting point (for a one-shot prune
+    from the dense anchor that is magnitude pruning), so its objective did nothing; the reason is
+    the stop reason of the last IHT-LS run (e.g. no_descent), or `no_step` (no step was accepted)."""
+    x0, _ = _hard_threshold(w0, k)
+    same = bool(torch.equal(res.w * res.mask, x0.to(res.w.dtype)))
+    info: dict[str, Any] = {"no_progress": same}
+    if same:
+        stop = res.info.get("stop")
+        info["no_progress_reason"] = stop if stop not in (None, "max_iter", "ftol") else "no_step"
+    return info

@@ -495,6 +495,9 @@ class Job:
         self.record.add_stage(row)
         self.log({"phase": "prune", **row})
         self.say(f"  stage {stage}: target {target:.4f} achieved {row['sparsity']:.4f} acc {ev['acc']:.4f}")
+        if row.get("no_progress"):  # the solver returned its start (e.g. magnitude pruning): say so
+            self.say(f"  warning: stage {stage}: {self.cfg.method.name} made no progress from its starting point "
+                     f"({row.get('no_progress_reason', 'no step')})")
 
     def prune(self) -> None:
         cfg = self.cfg

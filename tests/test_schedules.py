@@ -47,7 +47,7 @@ def read_phases(run_dir) -> list[str]:
     return [json.loads(line).get("phase") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method,extra", [("lr", []), ("swap", ["method.epsilon=0.001"])])
+@pytest.mark.parametrize("method,extra", [("lr", []), ("swap", ["method.epsilon=0.001", "method.epsilon_units=raw"])])
 def test_multistage_is_the_swap_protocol(make_cfg, tmp_path, monkeypatch, method, extra):
     module = {"lr": lr, "swap": swap}[method]
     spy = Spy(module.prune)
@@ -101,7 +101,7 @@ def test_reanchor_uses_the_current_weights(make_cfg, tmp_path, monkeypatch):
         assert torch.equal(c["w_bar"], c["w"])  # CHITA++: y = G w_t
 
 
-@pytest.mark.parametrize("method,extra", [("lr", []), ("swap", ["method.epsilon=0.001"])])
+@pytest.mark.parametrize("method,extra", [("lr", []), ("swap", ["method.epsilon=0.001", "method.epsilon_units=raw"])])
 def test_gradual_with_regression_methods(make_cfg, tmp_path, method, extra):
     cfg = make_cfg(f"method={method}", "schedule=gradual", "schedule.epochs=3", "schedule.start=0",
                    "schedule.end=2", "schedule.freq=1", "sparsity=0.8", *extra)
