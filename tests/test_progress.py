@@ -116,8 +116,7 @@ def test_slurm_sweep_prints_job_counts_per_array(slurm_cluster, tmp_path: Path):
     out = slurm_cluster.work_dir / "progress" if slurm_cluster.work_dir else tmp_path
     with _launch(out, out / "cache", "progress_slurm", "sparsity=1.5,1.6,1.7", "hydra.launcher.max_array_size=2",
                  "hydra.launcher.progress_interval_s=1", "hydra.callbacks.report.enabled=false") as proc:
-        text = _finish(proc, timeout=240)
-    assert proc.returncode == 0, text[-3000:]
+        text = _finish(proc, timeout=240, code=2)  # the jobs fail on their config: the launcher exits 2
     arrays = re.findall(r"^submitted (\d) job\(s\) \(slurm (\d+)\)", text, flags=re.M)
     assert [n for n, _ in arrays] == ["2", "1"], text
     for n, array in arrays:
