@@ -56,7 +56,7 @@ NEEDS_GRADIENTS = True
 class Config:
     damp: float = 1e-5                  # lambda of the CBS-U Fisher (ResNet20 scripts 1e-5; MLPNet 1e-3)
     scope: str = "global"               # global (one pruned set over all tensors) | layerwise
-    block_size: int | str | None = None  # Fisher blocks: null = G's blocks | B | "full"
+    block_size: int | str | None = "auto"  # Fisher blocks: auto (woodfisher.method_blocks) | null = G's | B | "full"
     epsilon: float = 1e-4               # swap threshold on the decrease of Phi (README)
     range: int = 10                     # rho: j ranks [max(1, t - range), t + range) for i at rank t (README)
     max_no_match: int = 20              # tau: a pass ends after more than tau i without a swap, in total
