@@ -54,7 +54,7 @@ NEEDS_GRADIENTS = True
 
 @dataclass(frozen=True)
 class Config:
-    damp: float = 1e-5                  # lambda of the CBS-U Fisher (ResNet20 scripts 1e-5; MLPNet 1e-3)
+    damp: float = 1e-3                  # lambda of the CBS-U Fisher (MLPNet scripts 1e-3; ResNet20 1e-5)
     scope: str = "global"               # global (one pruned set over all tensors) | layerwise
     block_size: int | str | None = "auto"  # Fisher blocks: auto (woodfisher.method_blocks) | null = G's | B | "full"
     epsilon: float = 1e-4               # swap threshold on the decrease of Phi (README)
