@@ -2,6 +2,7 @@
 
     python3 bench/bench_solvers.py            # N = 1000, ResNet-20 and MLPNet, 2 repeats
     python3 bench/bench_solvers.py --quick    # smoke variant (N = 100, 1 repeat)
+    python3 bench/bench_solvers.py --convergence --models mlpnet --sparsity 0.95   # lr: cg vs gradient steps
 
 A stage is what `pruning.task` does per pruning step for these methods: the gradient matrix G
 (N per-sample gradients at the current weights, `compute_gradient_matrix`) and the method's
@@ -18,11 +19,18 @@ Printed side by side: G seconds, solve seconds (swap: of which plan), stage seco
 (largest growth of anonymous resident memory, RssAnon, over the stage, sampled every 2 ms), and
 the ratios swap / lr. Timings are the minimum over `--repeats` (methods alternate). Target: a swap
 stage at most 1.3x an lr stage on ResNet-20.
+
+`--convergence` (issue 17): one G, then lr's solve with steepest-descent steps on a fixed support
+(CHITA's, `support_steps: gradient`) against conjugate steps (`cg`, lr's default), both without
+the zero-column drop and the final backsolve so that they solve the same problem, plus lr's
+defaults: iterations, stop reason, whether max_iter was hit, Q and solve seconds (min over
+repeats). Target: cg stops on ftol at equal or lower Q in at most the time of gradient steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -129,6 +137,36 @@ def report(rows: list[dict[str, Any]], sparsity: float, repeats: int) -> None:
               f"{'met' if ratio <= 1.3 else 'NOT met'}")
 
 
+CONVERGENCE = {
+    "gradient": {"support_steps": "gradient", "drop_zero_columns": False, "finish": "none"},
+    "cg": {"support_steps": "cg", "drop_zero_columns": False, "finish": "none"},
+    "lr default": {},
+}
+
+
+def convergence(model_name: str, n: int, sparsity: float, repeats: int, chunk: int) -> None:
+    from omegaconf import OmegaConf
+
+    model, layout, x, y, note = setup(model_name, n)
+    G = compute_gradient_matrix(model, layout, x, y, mini_batch=1, chunk_size=chunk)
+    w = get_flat(model, layout)
+    base = dict(OmegaConf.load(ROOT / "conf" / "method" / "lr.yaml"))
+    print(f"\nlr convergence, {model_name} ({note}), N = {n}, p = {layout.numel}, sparsity {sparsity}, "
+          f"max_iter {base['max_iter']}, ftol {base['ftol']}, min over {repeats} repeat(s)")
+    print(f"{'variant':<12}{'iters':>7}{'stop':>10}{'capped':>8}{'Q':>16}{'solve s':>9}")
+    for name, over in CONVERGENCE.items():
+        cfg = methods.make_config("lr", {**base, **over})
+        best = math.inf
+        for _ in range(repeats):
+            problem = PruningProblem(layout=layout, w=w.clone(), w_bar=w.clone(),
+                                     mask=torch.ones(layout.numel, dtype=torch.bool), grads=G, progress=False)
+            t0 = time.perf_counter()
+            info = methods.get("lr").prune(problem, sparsity, cfg).info
+            best = min(best, time.perf_counter() - t0)
+        print(f"{name:<12}{info['iterations']:>7}{info['stop']:>10}{str(info['max_iter_hit']):>8}"
+              f"{info['objective']:>16.8g}{best:>9.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="N = 100, 1 repeat (smoke run)")
@@ -137,9 +175,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="default 2 (--quick 1)")
     ap.add_argument("--chunk", type=int, default=128, help="rows per vmap call when computing G")
     ap.add_argument("--models", default="resnet20,mlpnet")
+    ap.add_argument("--convergence", action="store_true", help="lr: cg vs gradient steps on a fixed support")
     args = ap.parse_args()
     n = args.n or (100 if args.quick else 1000)
     repeats = args.repeats or (1 if args.quick else 2)
+    if args.convergence:
+        for m in args.models.split(","):
+            if m:
+                convergence(m, n, args.sparsity, repeats, args.chunk)
+        return
     rows = [run_model(m, n, args.sparsity, repeats, args.chunk) for m in args.models.split(",") if m]
     report(rows, args.sparsity, repeats)
 

@@ -35,12 +35,19 @@ Solvers (CHITA, Benbaki et al. ICML 2023, `CHITA_opt/L0_card_const.py`; algorith
   w0 - d / L with L = 1.05 (sigma_max(sqrt(omega) G)^2 + N lam) (power iteration; L is doubled
   until the step does not increase Q when w0 is already k-sparse).
 * `active_set_iht`: CHITA `Active_IHTCDLS` (cd_itr = 0): the active set starts as the support of
-  one IHT step with ceil(1.5 k) non-zeros; IHT-LS runs on the columns of the active set; then an
+  one IHT step with int(1.5 k) non-zeros; IHT-LS runs on the columns of the active set; then an
   outlier search takes full IHT steps with L = 2 L_A, L_A / 2, ... (at most `outlier_search`
   halvings) and, when one lowers Q with support outside the set, the set grows and it repeats.
 * `backsolve`: CHITA `Heuristic_LS`: support = top-k |w_bar| (or one IHT step), then the exact
   minimiser on the support, (G_S^T Omega G_S + N lam I) w_S = G_S^T Omega z + N lam w_bar_S, solved
   in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I).
+
+Options (defaults = the original behaviour, which `swap` keeps; `lr` turns all three on):
+`drop_zero_columns` solves without the all-zero columns of G (CHITA `*_PP`; those weights stay
+zero, Q keeps their ridge term); `support_steps: cg` takes conjugate directions while the support
+is fixed (linear CG on the quadratic Q restricted to it; a support change restarts them, and the
+outlier search then skips trial steps that stay inside the active set instead of stopping on
+them); `finish: backsolve` replaces the final iterate by the exact minimiser on its support.
 
 Every objective value the solvers record is Q of the full p-vector; the recorded sequence never
 increases (steps that would increase it are rejected, and IHT-LS stops: info `stop` is ftol,
@@ -65,6 +72,8 @@ ALGORITHMS = ("active_iht", "iht", "backsolve")
 DIRECTIONS = ("paper", "gradient")
 PRECISIONS = ("auto", "float32", "float64")
 BACKSOLVE_SUPPORTS = ("magnitude", "iht")
+SUPPORT_STEPS = ("gradient", "cg")
+FINISHES = ("none", "backsolve")
 
 
 # ------------------------------------------------------------------------------------ operators
@@ -503,7 +512,7 @@ class SolverConfig:
     algorithm: str = "active_iht"    # active_iht | iht | backsolve
     max_iter: int = 100              # IHT-LS iterations per solve [iht_max_itr]
     ftol: float = 1e-7               # relative objective change that ends IHT-LS [ftol]
-    active_set_factor: float = 1.5   # initial active set: ceil(factor k) non-zeros [kimp]
+    active_set_factor: float = 1.5   # initial active set: int(factor k) non-zeros [kimp]
     active_set_rounds: int = 10      # outer active-set iterations [act_max_itr]
     step_search: int = 5             # step expansions past the support-change bound [sea1_max_itr]
     step_growth: float = 2.0         # expansion factor (CHITA 2; the SWAP code uses 1.05)
@@ -511,9 +520,17 @@ class SolverConfig:
     backsolve_support: str = "magnitude"  # magnitude (top-k |w_bar|) | iht (support of one IHT step)
     power_iters: int = 30            # power iterations for sigma_max(G)^2
     precision: str = "auto"          # auto (G's dtype) | float32 | float64
+    # The three below default to the shared solver's original behaviour (swap's); lr turns them on.
+    drop_zero_columns: bool = False  # solve without all-zero columns of G, left at zero [CHITA *_PP wrappers]
+    support_steps: str = "gradient"  # gradient (CHITA) | cg: conjugate directions while the support is fixed
+    finish: str = "none"             # none | backsolve: exact ridge minimiser on the final support
 
     def validate(self) -> None:
         choice(self.algorithm, "method.algorithm", ALGORITHMS)
+        choice(self.support_steps, "method.support_steps", SUPPORT_STEPS)
+        choice(self.finish, "method.finish", FINISHES)
+        if not isinstance(self.drop_zero_columns, bool):
+            raise ConfigError("method.drop_zero_columns", self.drop_zero_columns, "true, false")
         choice(self.precision, "method.precision", PRECISIONS)
         choice(self.backsolve_support, "method.backsolve_support", BACKSOLVE_SUPPORTS)
         if not (isinstance(self.lam, int | float) and self.lam >= 0 and math.isfinite(self.lam)):
@@ -604,8 +621,24 @@ def _first_iterate(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, L: fl
     return best, {"L": L}
 
 
-def _ls_step(obj: PlanRegression, op: Any, s: _State, k: int, cfg: SolverConfig) -> tuple[_State, str]:
-    """One IHT step with exact line search from a k-sparse state (CHITA hard_thresholding_ls)."""
+@dataclass
+class _Conjugate:
+    """The previous support-preserving step of `support_steps: cg`: its direction p, G p and the
+    gradient on the support v (Polak-Ribiere needs v_prev); None after a support change."""
+
+    p: torch.Tensor
+    Gp: torch.Tensor
+    v: torch.Tensor
+
+
+def _ls_step(obj: PlanRegression, op: Any, s: _State, k: int, cfg: SolverConfig,
+             prev: _Conjugate | None = None) -> tuple[_State, str, _Conjugate | None]:
+    """One IHT step with exact line search from a k-sparse state (CHITA hard_thresholding_ls).
+
+    With `prev` (cg, the last step kept the support too) a step that keeps the support goes along
+    the conjugate direction p = v + beta p_prev (Polak-Ribiere+, beta = max(0, v.(v - v_prev) /
+    |v_prev|^2)) instead of v = d_S: on a fixed support Q is a quadratic, so these are linear
+    conjugate-gradient steps, exact along p, and G p = G v + beta G p_prev needs no extra product."""
     d = obj.direction_vec(op, s.w, s.yhat)
     v = d * s.mask
     Gv = op.matvec(v).to(s.w.dtype)
@@ -613,15 +646,25 @@ def _ls_step(obj: PlanRegression, op: Any, s: _State, k: int, cfg: SolverConfig)
     tau_opt = num / den if den > 0 else 0.0
     bound = _support_change_bound(s.w, d, s.mask)
     if tau_opt > 0 and tau_opt < bound:
-        w = s.w - tau_opt * v
-        yhat = s.yhat - tau_opt * Gv
-        f = obj.value(w, yhat)
-        if f < s.f:
-            return _State(w, s.mask, yhat, f), "exact"
-        return s, "no_decrease"
+        steps = [(v, Gv, tau_opt)]
+        if prev is not None:
+            vv = _dot64(prev.v, prev.v)
+            beta = max(0.0, (_dot64(v, v) - _dot64(v, prev.v)) / vv) if vv > 0 else 0.0
+            if beta > 0:
+                p_c, Gp_c = v + beta * prev.p, Gv + beta * prev.Gp
+                num_c, den_c = obj.grad_dot(p_c, Gp_c, s.w, s.yhat), obj.curvature(p_c, Gp_c)
+                if num_c > 0 and den_c > 0:  # a descent direction; v stays the fallback (rounding)
+                    steps.insert(0, (p_c, Gp_c, num_c / den_c))
+        for p, Gp, tau in steps:
+            w = s.w - tau * p
+            yhat = s.yhat - tau * Gp
+            f = obj.value(w, yhat)
+            if f < s.f:
+                return _State(w, s.mask, yhat, f), "exact", _Conjugate(p, Gp, v)
+        return s, "no_decrease", None
     tau = bound / (1.0 + 1e-4) if 0 < bound < math.inf else tau_opt
     if not tau > 0:
-        return s, "no_descent" if num <= 0 else "no_decrease"
+        return s, ("no_descent" if num <= 0 else "no_decrease"), None
     best, kind = s, ("no_descent" if num <= 0 else "no_decrease")
     for _ in range(max(cfg.step_search, 1)):
         x, mask = _hard_threshold(s.w - tau * d, k)
@@ -632,23 +675,27 @@ def _ls_step(obj: PlanRegression, op: Any, s: _State, k: int, cfg: SolverConfig)
         else:
             break
         tau *= cfg.step_growth
-    return best, kind
+    return best, kind, None
 
 
 def iht_ls(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig,
            L: float | None = None) -> SolveResult:
-    """IHT with exact line search (CHITA Vanilla_IHTCDLS, cd_itr = 0) on the operator `op`."""
+    """IHT with exact line search (CHITA Vanilla_IHTCDLS, cd_itr = 0) on the operator `op`; stops
+    when the relative change of Q is at most ftol (`stop` ftol), after max_iter steps (max_iter),
+    or when a step cannot lower Q (no_decrease / no_descent)."""
     if L is None:
         L = obj.lipschitz(op, cfg.power_iters)
     s, first = _first_iterate(obj, op, w0, k, L)
     history = [s.f]
     kinds = {"exact": 0, "expanded": 0}
     it, stop = 0, "max_iter"
+    conj: _Conjugate | None = None
     while it < cfg.max_iter:
-        new, kind = _ls_step(obj, op, s, k, cfg)
+        new, kind, step = _ls_step(obj, op, s, k, cfg, conj)
         if kind not in kinds:
             stop = kind
             break
+        conj = step if cfg.support_steps == "cg" else None
         it += 1
         kinds[kind] += 1
         history.append(new.f)
@@ -665,7 +712,7 @@ def iht_ls(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverCo
 def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
     """CHITA Active_IHTCDLS (cd_itr = 0): IHT-LS on a growing active set of columns."""
     p = op.num_cols
-    k_act = max(min(math.ceil(cfg.active_set_factor * k), p), k)
+    k_act = max(min(int(cfg.active_set_factor * k), p), k)  # CHITA initial_active_set: int()
     if k_act >= p:
         res = iht_ls(obj, op, w0, k, cfg)
         res.info.update(active_set_rounds=0, active_set_size=p)
@@ -675,7 +722,7 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
     _, active, _, _ = _plain_step(obj, op, w0, yhat0, k_act, L)
     w = w0.clone()
     history: list[float] = []
-    iterations, rounds, outliers_total, stop = 0, 0, 0, "max_iter"
+    iterations, rounds, outliers_total, stop, capped = 0, 0, 0, "max_iter", False
     s: _State | None = None
     while True:
         idx = active.nonzero().squeeze(1)
@@ -684,6 +731,7 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
         res = iht_ls(objA, opA, w[idx], k, cfg)
         iterations += res.info["iterations"]
         stop = res.info["stop"]
+        capped = capped or stop == "max_iter"
         w = torch.zeros_like(w0)
         w[idx] = res.w
         mask = torch.zeros(p, dtype=torch.bool, device=w0.device)
@@ -703,7 +751,9 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
             outside = m & ~active
             if bool(outside.any()) and f < best.f:
                 best, grew = _State(x, m, yh, f), True
-            elif f >= best.f:
+            elif f >= best.f and (bool(outside.any()) or cfg.support_steps != "cg"):
+                # cg converges on the active set, where a step that stays inside it cannot lower Q:
+                # ending there (CHITA's rule) would never grow the set, so only larger steps decide
                 break
             L_try /= 2.0
         if not grew:
@@ -714,14 +764,18 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
         w = s.w
         history.append(s.f)
     info = {"iterations": iterations, "active_set_rounds": rounds, "active_set_size": int(active.sum()),
-            "outliers_added": outliers_total, "L": L, "stop": stop}
+            "outliers_added": outliers_total, "L": L, "stop": stop, "capped": capped}
     return SolveResult(s.w, s.mask, s.f, history, info)
 
 
-def backsolve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
-    """CHITA Heuristic_LS: fix a support, then the exact ridge minimiser of Q on it."""
+def backsolve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig,
+              mask: torch.Tensor | None = None) -> SolveResult:
+    """CHITA Heuristic_LS: fix a support (`mask`, or chosen by `cfg.backsolve_support`), then the
+    exact ridge minimiser of Q on it."""
     p = op.num_cols
-    if cfg.backsolve_support == "magnitude":
+    if mask is not None:
+        k = int(mask.sum())
+    elif cfg.backsolve_support == "magnitude":
         mask = topk_mask(obj.w_bar.abs().to(torch.float64), k)
     else:
         L = obj.lipschitz(op, cfg.power_iters)
@@ -795,16 +849,54 @@ def solve(op: Any, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: in
     dev = dev if isinstance(dev, torch.device) else w0.device
     w0c, w_bar_c, yc = w0.to(dev, dtype), w_bar.to(dev, dtype), y.to(dev, dtype)
     obj = PlanRegression(yc, w_bar_c, cfg.lam, plan, direction)
-    if k == 0:
-        w = torch.zeros_like(w0c)
-        f = obj.value(w, torch.zeros_like(yc))
-        res = SolveResult(w, torch.zeros(p, dtype=torch.bool, device=dev), f, [f], {"iterations": 0})
-    elif cfg.algorithm == "backsolve":
-        res = backsolve(obj, op, w0c, k, cfg)
-    elif cfg.algorithm == "iht":
-        res = iht_ls(obj, op, w0c, k, cfg)
-    else:
-        res = active_set_iht(obj, op, w0c, k, cfg)
+    dropped = 0
+    if cfg.drop_zero_columns and 0 < k < p:
+        nz = nonzero_columns(op).to(dev)
+        dropped = p - int(nz.sum())
+        if dropped and int(nz.sum()) > k:  # else every non-zero column is kept: solve as is
+            idx = nz.nonzero().squeeze(1)
+            sub = _solve(obj.restrict(idx), restrict(op, idx), w0c[idx], k, cfg)
+            res = SolveResult(torch.zeros_like(w0c), torch.zeros(p, dtype=torch.bool, device=dev), sub.objective,
+                              sub.history, sub.info)
+            res.w[idx], res.mask[idx] = sub.w, sub.mask
+        else:
+            dropped = 0
+    if not dropped:
+        res = _solve(obj, op, w0c, k, cfg)
+    res.info["dropped_columns"] = dropped
     res.w = (res.w * res.mask).to(w0.device, out_dtype)
     res.mask = res.mask.to(w0.device)
     return res
+
+
+def _solve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
+    """The algorithm of `cfg`, then the optional exact backsolve on the final support."""
+    p = op.num_cols
+    if k == 0:
+        w = torch.zeros_like(w0)
+        f = obj.value(w, torch.zeros_like(obj.y))
+        return SolveResult(w, torch.zeros(p, dtype=torch.bool, device=w0.device), f, [f], {"iterations": 0})
+    if cfg.algorithm == "backsolve":
+        return backsolve(obj, op, w0, k, cfg)
+    res = iht_ls(obj, op, w0, k, cfg) if cfg.algorithm == "iht" else active_set_iht(obj, op, w0, k, cfg)
+    res.info["max_iter_hit"] = bool(res.info.pop("capped", res.info.get("stop") == "max_iter"))
+    if cfg.finish == "backsolve":
+        fin = backsolve(obj, op, w0, k, cfg, mask=res.mask)
+        res.info.update(objective_iht=res.objective, finish=fin.info["backsolve"])
+        if fin.objective <= res.objective:  # the exact minimiser on the support; guards rounding only
+            res.w, res.objective = fin.w, fin.objective
+            res.history.append(fin.objective)
+    return res
+
+
+def nonzero_columns(op: Any) -> torch.Tensor:
+    """(p,) bool: the columns of G with a non-zero entry (read chunk by chunk)."""
+    if isinstance(op, DenseOperator):
+        return (op.A != 0).any(0).cpu()
+    blocks, data = getattr(op, "blocks", None), getattr(op, "data", None)
+    if blocks is not None and data is not None and getattr(op, "store", None) is None:  # in memory: no gather
+        return torch.cat([(gb != 0).any(0).cpu() for gb in data])
+    out = torch.zeros(op.num_cols, dtype=torch.bool)
+    for pos, cols in iter_columns(op, torch.arange(op.num_cols)):
+        out[pos] = (cols != 0).any(0).cpu()
+    return out

@@ -85,6 +85,93 @@ def test_swap_search_never_increases_phi(scope, block_size):
     assert stats["swaps"] == 0 and np.array_equal(out, pruned)
 
 
+def reference_search(F: torch.Tensor, w: torch.Tensor, pruned: np.ndarray, cfg: Config) -> tuple[np.ndarray, int]:
+    """The CBS search rules written literally on a dense F (global scope): every quantity from
+    u^T F u, no residuals. Returns the pruned set and the number of swaps."""
+    pruned = pruned.copy()
+    wn = w.numpy()
+    Fn = F.numpy()
+
+    def phi(mask: np.ndarray) -> float:
+        u = np.where(mask, wn, 0.0)
+        return float(u @ Fn @ u)
+
+    def change(i: int, j: int) -> float:
+        new = pruned.copy()
+        new[i], new[j] = False, True
+        return phi(new) - phi(pruned)
+
+    swaps = 0
+    for _ in range(cfg.max_iter):
+        Ip, J = np.nonzero(pruned)[0], np.nonzero(~pruned)[0]
+        base = phi(pruned)
+        alpha = np.array([base - phi(pruned & (np.arange(len(wn)) != i)) for i in Ip])
+        beta = np.array([phi(pruned | (np.arange(len(wn)) == j)) - base for j in J])
+        Ip = Ip[np.argsort(-alpha, kind="stable")]
+        gamma0 = np.array([2 * wn[Ip[0]] * wn[j] * Fn[Ip[0], j] for j in J])
+        J = J[np.argsort(beta - gamma0, kind="stable")]
+        if not change(Ip[0], J[0]) < -cfg.epsilon:
+            break
+        pruned[Ip[0]], pruned[J[0]] = False, True
+        swaps += 1
+        used, misses = {0}, 0
+        for t in range(1, len(Ip)):
+            if misses > cfg.max_no_match:
+                break
+            for r in range(max(1, t - cfg.range), min(len(J), t + cfg.range)):
+                if r not in used and change(Ip[t], J[r]) < -cfg.epsilon:
+                    pruned[Ip[t]], pruned[J[r]] = False, True
+                    used.add(r)
+                    swaps += 1
+                    break
+            else:
+                misses += 1
+    return pruned, swaps
+
+
+@pytest.mark.parametrize("rng_,no_match", [(0, 0), (1, 0), (2, 1), (3, 4), (10, 20)])
+@pytest.mark.parametrize("block_size", [None, 7])
+def test_swap_search_follows_the_cbs_rules(rng_, no_match, block_size):
+    """Same pruned set and swap count as the literal dense reference of the CBS rules (windows
+    [max(1, t - range), t + range), misses counted over the whole pass, stop on the top pair)."""
+    G, w, prob = rand_problem(n=10, seed=5, block_size=block_size)
+    blocks = prob.grads.blocks
+    F = torch.zeros(LAYOUT.numel, LAYOUT.numel, dtype=torch.float64)
+    for sl in blocks:
+        F[sl, sl] = G[:, sl].T @ G[:, sl] / G.shape[0]
+    pruned = np.zeros(LAYOUT.numel, dtype=bool)
+    pruned[rmp_keep(np.abs(w.numpy()), np.arange(LAYOUT.numel), 20, np.random.default_rng(0))] = True  # 20 pruned
+    cfg = Config(epsilon=1e-6, range=rng_, max_no_match=no_match, max_iter=6)
+    out, stats = local_search(SwapObjective(prob.grads, blocks), w.numpy(), pruned, [np.arange(LAYOUT.numel)], cfg)
+    expected, swaps = reference_search(F, w, pruned, cfg)
+    assert swaps > 0
+    assert np.array_equal(out, expected) and stats["swaps"] == swaps
+    assert np.isclose(stats["phi"], dense_phi(G, blocks, w, torch.from_numpy(out)), rtol=1e-9)
+
+
+def test_swap_search_stops_when_the_top_pair_is_not_a_swap():
+    """Hand-checked: F diagonal except F_03 = -0.7, w = 1, I = {0, 1}. alpha = (1, 0.9), so i = 0
+    ranks first; beta_j - gamma_{j,0} = (1.2, 1.5) puts j = 2 first. The top pair changes Phi by
+    (0.9 + 1.2) - 1.9 = +0.2: the search is over, although swapping 1 for 3 would lower Phi by 0.8."""
+    F = torch.tensor([[1.0, 0, 0, -0.7], [0, 0.9, 0, 0], [0, 0, 1.2, 0], [-0.7, 0, 0, 1.5]], dtype=torch.float64)
+    G = 2.0 * torch.linalg.cholesky(F).T  # N = 4 rows with G^T G / 4 = F
+    gm = GradientMatrix([slice(0, 4)], [G.contiguous()], torch.arange(4).view(4, 1))
+    w = np.ones(4)
+    pruned = np.array([True, True, False, False])
+    obj = SwapObjective(gm, [slice(0, 4)])
+    assert np.isclose(obj.phi(obj.residuals(np.where(pruned, w, 0.0))), 1.9)
+    flip = np.array([True, False, False, True])
+    assert np.isclose(obj.phi(obj.residuals(np.where(flip, w, 0.0))), 1.1)  # the swap the rules never reach
+    out, stats = local_search(obj, w, pruned, [np.arange(4)], Config(epsilon=1e-4))
+    assert np.array_equal(out, pruned) and stats["swaps"] == 0 and stats["stop"] == "top_pair"
+    # with F_03 = 0 the same scan has no improving pair at all; with F_22 = 0.5 the top pair swaps
+    F2 = F.clone()
+    F2[2, 2] = 0.5
+    gm2 = GradientMatrix([slice(0, 4)], [(2.0 * torch.linalg.cholesky(F2).T).contiguous()], torch.arange(4).view(4, 1))
+    out2, stats2 = local_search(SwapObjective(gm2, [slice(0, 4)]), w, pruned, [np.arange(4)], Config(epsilon=1e-4))
+    assert out2.tolist() == [False, True, True, False] and stats2["swaps"] >= 1  # 0 out, 2 in: Phi 1.9 -> 1.4
+
+
 @pytest.mark.parametrize("prior", [False, True])
 def test_cbs_update_is_the_exact_multi_weight_obs(prior):
     damp = 1e-2

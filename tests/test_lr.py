@@ -158,3 +158,104 @@ def test_lr_beats_magnitude_on_digits(make_cfg, tmp_path):
     stage = rec["stages"][0]
     assert stage["objective"] <= stage["objective_start"]
     assert accs["lr"] > accs["magnitude"], accs
+
+
+# ------------------------------------------------- CHITA parity: zero columns, kimp, backsolve, cg
+def ill_conditioned(N: int = 60, p: int = 200, seed: int = 4):
+    """Columns with scales spread over one decade: steepest descent on a support converges slowly."""
+    g = torch.Generator().manual_seed(seed)
+    layout = ParamLayout(("a",), ((p,),))
+    G = torch.randn(N, p, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(-0.5, 0.5, p, dtype=torch.float64))
+    G = G + 0.9 * torch.randn(N, 1, generator=g, dtype=torch.float64) * G.abs().mean()  # correlated columns
+    w_bar = 0.05 * torch.randn(p, generator=g, dtype=torch.float64)
+    w_bar[::5] += 3.0  # a clear support of p / 5 weights: the solve is the subproblem on it
+    return layout, G, split_blocks(G, layout, None, torch.arange(N).view(N, 1)), w_bar
+
+
+@pytest.mark.parametrize("algorithm", ["active_iht", "iht", "backsolve"])
+def test_zero_columns_are_dropped_as_if_removed_by_hand(algorithm):
+    layout, G, Gm, w_bar = make_problem(seed=2)
+    zero = torch.zeros(300, dtype=torch.bool)
+    zero[::7] = True
+    G = G * ~zero
+    Gm = split_blocks(G, layout, 64, torch.arange(40).view(40, 1))
+    w_bar = w_bar + 3.0 * zero  # large weights on the zero columns: top-k |w_bar| would keep them
+    lam, s = 1e-3, 0.8
+    k = num_kept(300, s)
+    kw = {"lam": lam, "algorithm": algorithm, "finish": "none", "ftol": 0.0, "max_iter": 30}  # ftol sees the offset
+    res = lr.prune(lr_problem(layout, Gm, w_bar), s, lr.Config(**kw))
+    assert res.info["dropped_columns"] == int(zero.sum()) and int(res.mask.sum()) == k
+    assert not bool(res.mask[zero].any()) and bool((res.w[zero] == 0).all())
+    # the same solver on the problem with the columns removed by hand, embedded back
+    keep = (~zero).nonzero().squeeze(1)
+    Gk, wk = G[:, keep], w_bar[keep]
+    ref = solve(DenseOperator(Gk), Gk @ wk, wk, wk, k, IdentityPlan(40), lr.Config(**kw), "gradient")
+    assert torch.equal(res.mask[keep], ref.mask)
+    assert torch.allclose(res.w[keep], ref.w, rtol=1e-6, atol=1e-8)  # same iterates up to summation order
+    # the recorded objective is Q_LR of the full vector (the dropped weights pay their ridge term)
+    assert res.info["objective"] == pytest.approx(q_lr(G, w_bar, res.w, lam), rel=1e-10)
+    off = lr.prune(lr_problem(layout, Gm, w_bar), s, lr.Config(**kw, drop_zero_columns=False))
+    assert off.info["dropped_columns"] == 0 and bool(off.mask[zero].any())
+
+
+def test_initial_active_set_is_int_of_kimp_k():
+    layout, G, Gm, w_bar = make_problem()
+    for s, k in ((0.91, 27), (0.9, 30)):  # int(1.5 * 27) = 40 (CHITA), not ceil = 41
+        assert num_kept(300, s) == k
+        res = lr.prune(lr_problem(layout, Gm, w_bar), s, lr.Config(lam=1e-3, active_set_rounds=1))
+        assert res.info["active_set_size"] == int(1.5 * k)
+
+
+@pytest.mark.parametrize("N,sparsity", [(40, 0.5), (200, 0.9)])  # Woodbury (N < k) and primal (k <= N)
+def test_finish_is_the_ridge_minimiser_on_the_final_support(N, sparsity):
+    layout, G, Gm, w_bar = make_problem(N=N, seed=3)
+    lam = 1e-3
+    res = lr.prune(lr_problem(layout, Gm, w_bar), sparsity, lr.Config(lam=lam, max_iter=5))
+    k = num_kept(300, sparsity)
+    assert res.info["finish"] == ("woodbury" if N < k else "primal")
+    S = res.mask.nonzero().squeeze(1)
+    GS = G[:, S]
+    lhs = GS.T @ GS + N * lam * torch.eye(k, dtype=G.dtype)
+    ref = torch.linalg.lstsq(lhs, GS.T @ (G @ w_bar) + N * lam * w_bar[S]).solution  # dense normal equations
+    assert torch.allclose(res.w[S], ref, rtol=1e-7, atol=1e-9)
+    assert res.info["objective"] == pytest.approx(q_lr(G, w_bar, res.w, lam), rel=1e-10)
+    assert res.info["objective"] <= res.info["objective_iht"]
+    # max_iter = 5 cannot converge here: the cap is recorded
+    assert res.info["max_iter_hit"] and res.info["iterations"] >= 5
+
+
+def test_cg_converges_on_ftol_where_gradient_steps_hit_the_cap():
+    layout, G, Gm, w_bar = ill_conditioned()
+    lam = 1e-4
+    base = {"lam": lam, "algorithm": "iht", "finish": "none", "max_iter": 100, "ftol": 1e-9}
+    grad = lr.prune(lr_problem(layout, Gm, w_bar), 0.8, lr.Config(**base, support_steps="gradient"))
+    cg = lr.prune(lr_problem(layout, Gm, w_bar), 0.8, lr.Config(**base, support_steps="cg"))
+    assert grad.info["stop"] == "max_iter" and grad.info["max_iter_hit"]
+    assert cg.info["stop"] in ("ftol", "no_decrease") and not cg.info["max_iter_hit"]
+    assert cg.info["iterations"] < grad.info["iterations"]
+    assert cg.info["objective"] <= grad.info["objective"] * (1 + 1e-9)
+    hist = cg.info["history"]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(hist, hist[1:]))
+    # converged: the ridge minimiser on its support (dense normal equations)
+    S = cg.mask.nonzero().squeeze(1)
+    GS, N = G[:, S], G.shape[0]
+    ref = torch.linalg.solve(GS.T @ GS + N * lam * torch.eye(len(S), dtype=G.dtype),
+                             GS.T @ (G @ w_bar) + N * lam * w_bar[S])
+    assert q_lr(G, w_bar, cg.w, lam) == pytest.approx(q_lr(G, w_bar, cg.w * 0 + _embed(ref, S, 200), lam), rel=1e-6)
+
+
+def _embed(v: torch.Tensor, idx: torch.Tensor, p: int) -> torch.Tensor:
+    out = torch.zeros(p, dtype=v.dtype)
+    out[idx] = v
+    return out
+
+
+def test_lr_defaults_are_chita_parity_and_swap_keeps_the_shared_defaults():
+    cfg = methods.make_config("lr", {"name": "lr"})
+    assert cfg.drop_zero_columns and cfg.support_steps == "cg" and cfg.finish == "backsolve"
+    shared = SolverConfig()
+    assert not shared.drop_zero_columns and shared.support_steps == "gradient" and shared.finish == "none"
+    with pytest.raises(ConfigError, match="method.support_steps.*gradient, cg"):
+        methods.make_config("lr", {"support_steps": "newton"})
+    with pytest.raises(ConfigError, match="method.finish.*none, backsolve"):
+        methods.make_config("lr", {"finish": "cd"})

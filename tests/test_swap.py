@@ -204,7 +204,8 @@ def test_swap_with_identity_plan_is_lr(algorithm):
     g = torch.Generator().manual_seed(7)
     w = w_bar * (torch.rand(300, generator=g, dtype=torch.float64) > 0.3)
     kw = {"lam": 1e-3, "algorithm": algorithm, "ftol": 0.0, "max_iter": 50}
-    a = lr.prune(lr_problem(layout, Gm, w_bar, w.clone()), 0.9, lr.Config(**kw))
+    shared = {"drop_zero_columns": False, "support_steps": "gradient", "finish": "none"}  # lr turns these on
+    a = lr.prune(lr_problem(layout, Gm, w_bar, w.clone()), 0.9, lr.Config(**kw, **shared))
     b = swap.prune(lr_problem(layout, Gm, w_bar, w.clone()), 0.9, swap.Config(plan="identity", **kw))
     assert a.info["history"] == b.info["history"]  # step for step
     assert torch.equal(a.w, b.w) and torch.equal(a.mask, b.mask)

@@ -15,7 +15,14 @@ from pruning.errors import ConfigError
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, num_kept
 from pruning.methods.base import PruningProblem
-from pruning.methods.woodfisher import BlockInverse, Config, fisher_inverse_rank1, prune
+from pruning.methods.woodfisher import (
+    FULL_BLOCK_MAX,
+    BlockInverse,
+    Config,
+    fisher_inverse_rank1,
+    method_blocks,
+    prune,
+)
 from pruning.task import run
 
 
@@ -93,7 +100,7 @@ def test_multi_weight_update_is_scaled_sum_of_single_updates(scale):
     G = rand_G(n, p, seed=3)
     w = torch.randn(p, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     layout = ParamLayout(("a", "b"), ((4, 3), (12,)))
-    res = prune(problem(G, w, layout), 0.5, Config(damp=damp, update_scale=scale))
+    res = prune(problem(G, w, layout), 0.5, Config(damp=damp, update_scale=scale, block_size=None))
     # reference: block-diagonal dense inverses, one per tensor
     expected = w.clone()
     for sl in layout.slices():
@@ -163,3 +170,22 @@ def test_beats_magnitude_on_embedded_digits(make_cfg, tmp_path, session_cache):
     metas = [json.loads((p / "meta.json").read_text()) for p in entries]
     # the session cache is shared with other tests: look for this test's entry (N = 256, m = 1)
     assert any(m["num_rows"] == 256 and m["mini_batch"] == 1 for m in metas), metas
+
+
+def test_auto_blocks_are_full_for_small_models_only():
+    """auto: one Fisher block for a model of at most FULL_BLOCK_MAX weights with G's default per-layer
+    blocks (the reference's MLPNet runs); G's own blocks for larger models or sub-layer blocks."""
+    class Blocks:  # method_blocks only reads G.blocks
+        def __init__(self, blocks):
+            self.blocks = blocks
+
+    small = ParamLayout(("a", "b"), ((40, 20), (10, 20)))
+    assert method_blocks(small, Blocks(small.slices()), "auto") == [slice(0, small.numel)]
+    assert method_blocks(small, Blocks(small.blocks(300)), "auto") == small.blocks(300)  # calibration.block_size
+    assert method_blocks(small, Blocks(small.slices()), None) == small.slices()
+    big = ParamLayout(("a", "b"), ((FULL_BLOCK_MAX // 2, 2), (5,)))
+    assert big.numel > FULL_BLOCK_MAX
+    assert method_blocks(big, Blocks(big.slices()), "auto") == big.slices()
+    assert Config().block_size == "auto" == methods.make_config("woodfisher", {}).block_size
+    with pytest.raises(ConfigError, match="method.block_size.*auto"):
+        methods.make_config("woodfisher", {"block_size": "half"})

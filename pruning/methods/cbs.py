@@ -16,11 +16,14 @@ the largest magnitudes of each chunk (`init_trials` draws, the best Phi wins). L
   gamma_ij = 2 w_i w_j F_ij,  Phi(I - i + j) - Phi(I) = beta_j - alpha_i - gamma_ij
 
 Each pass sorts I by alpha (descending) and the kept set J by beta_j - gamma_{j,I[0]}
-(ascending); for the i at position t it scans the j at positions [t - range, t + range] and
-takes the first swap whose exact change of Phi (computed in O(N) from the current residuals, so
-every accepted swap lowers Phi by more than `epsilon`) is below -epsilon; a pass stops after
-`max_no_match` consecutive i without a swap; passes repeat (alpha, beta refreshed) up to
-`max_iter` times or until a pass makes no swap.
+(ascending), as the CBS code (`greedy_alg/greedy.py::prune_one_iter`): the top pair (I[0], J[0])
+is tested first and, when it is not a valid swap, the search is over; otherwise it is swapped and
+the i at rank t >= 1 takes the first valid unused j at rank in [max(1, t - range), t + range); a
+pass ends once more than `max_no_match` i (in total over the pass) found no swap. A swap is valid
+when its exact change of Phi (computed in O(N) from the current residuals, so every accepted swap
+lowers Phi by more than `epsilon`) is below -epsilon. Passes repeat (alpha, beta refreshed) up to
+`max_iter` times. (The CBS code counts a miss by testing only the last j of the window, which
+differs only when that j was already used; here every i without a swap is a miss.)
 
 Update (CBS-U) is the exact multi-weight OBS on the dampened block Fisher F = lambda I + G^T G / N:
 
@@ -51,12 +54,12 @@ NEEDS_GRADIENTS = True
 
 @dataclass(frozen=True)
 class Config:
-    damp: float = 1e-5                  # lambda of the CBS-U Fisher (ResNet20 scripts 1e-5; MLPNet 1e-3)
+    damp: float = 1e-3                  # lambda of the CBS-U Fisher (MLPNet scripts 1e-3; ResNet20 1e-5)
     scope: str = "global"               # global (one pruned set over all tensors) | layerwise
-    block_size: int | str | None = None  # Fisher blocks: null = G's blocks | B | "full"
+    block_size: int | str | None = "auto"  # Fisher blocks: auto (woodfisher.method_blocks) | null = G's | B | "full"
     epsilon: float = 1e-4               # swap threshold on the decrease of Phi (README)
-    range: int = 10                     # rho: j window around i's rank (README)
-    max_no_match: int = 20              # tau: consecutive i without a swap that end a pass (README)
+    range: int = 10                     # rho: j ranks [max(1, t - range), t + range) for i at rank t (README)
+    max_no_match: int = 20              # tau: a pass ends after more than tau i without a swap, in total
     max_iter: int = 100                 # passes of the local search (greedy_options.py)
     init_trials: int = 1                # RMP draws; the one with the smallest Phi starts the search
     update: bool = True                 # CBS-U weight update (false = CBS-S, selection only)
@@ -68,7 +71,7 @@ class Config:
         e = self.epsilon
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
             raise ConfigError("method.epsilon", e, "a number >= 0")
-        for key, lo in (("range", 0), ("max_no_match", 1), ("max_iter", 0), ("init_trials", 1)):
+        for key, lo in (("range", 0), ("max_no_match", 0), ("max_iter", 0), ("init_trials", 1)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"method.{key}", v, f"an integer >= {lo}")
@@ -140,26 +143,62 @@ def rmp_keep(w_abs: np.ndarray, group: np.ndarray, k: int, rng: np.random.Genera
     return np.concatenate(kept)
 
 
+def swap_deltas(obj: SwapObjective, w: np.ndarray, R: np.ndarray, i: int,
+                js: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact Phi(I - i + j) - Phi(I) for every j in js, O(N) each from the current residuals R;
+    also returns g_i and the columns G[:, js] (reused to update R after a swap)."""
+    N = obj.N
+    bi, bj = obj.bid[i], obj.bid[js]
+    gi = obj.gather(np.array([i]))[:, 0]
+    Gj = obj.gather(js)
+    si = gi @ R[:, bi]
+    sj = np.einsum("ij,ij->j", Gj, R[:, bj])
+    cross = np.where(bj == bi, Gj.T @ gi, 0.0)
+    delta = (-2.0 * w[i] * si + w[i] ** 2 * obj.csq[i] + 2.0 * w[js] * sj + w[js] ** 2 * obj.csq[js]
+             - 2.0 * w[i] * w[js] * cross) / N
+    return delta, gi, Gj
+
+
 def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: list[np.ndarray],
-                 cfg: Config, progress: bool = False) -> tuple[np.ndarray, dict[str, float | int]]:
-    """The CBS swap search; returns the new pruned set (a copy) and statistics. Swaps stay inside a
-    group (all coordinates for global scope, one tensor for layerwise), so the size of the pruned
-    set of every group is preserved and every accepted swap lowers Phi by more than epsilon."""
+                 cfg: Config, progress: bool = False) -> tuple[np.ndarray, dict[str, float | int | str]]:
+    """The CBS swap search with the rules of the CBS code (`greedy.py::prune_one_iter`); returns
+    the new pruned set (a copy) and statistics.
+
+    Per pass and group: sort the pruned set by alpha (descending) and the kept set J by
+    beta_j - gamma_{j, I[0]} (ascending). The top pair (rank 0, rank 0) is tested first; when it is
+    not a valid swap the group's search is over (no further passes). Otherwise it is swapped, and
+    each pruned weight at rank t = 1, 2, ... takes the first valid, not yet used kept weight at
+    rank in [max(1, t - range), min(|J|, t + range)); the pass ends once more than `max_no_match`
+    pruned weights found none (misses are counted over the whole pass, never reset). A swap is
+    valid when its exact change of Phi (from the current residuals) is below -epsilon. Swaps stay
+    inside a group (all coordinates for global scope, one tensor for layerwise), so every group
+    keeps the size of its pruned set. `stop` is "top_pair" (every group ended on an invalid top
+    pair) or "max_iter"."""
     pruned = pruned.copy()
     N, wsq = obj.N, w * w
     R = obj.residuals(np.where(pruned, w, 0.0))
     phi0 = obj.phi(R)
-    swaps_total, passes = 0, 0
+    swaps_total, passes, stop = 0, 0, "max_iter"
+    done = [False] * len(groups)
     bar = tqdm(total=cfg.max_iter, desc="cbs local search", leave=False, disable=not progress)
+
+    def swap(i: int, j: int, gi: np.ndarray, gj: np.ndarray) -> None:
+        pruned[i], pruned[j] = False, True
+        R[:, obj.bid[i]] -= w[i] * gi
+        R[:, obj.bid[j]] += w[j] * gj
+
     for _ in range(cfg.max_iter):
+        if all(done):
+            stop = "top_pair"
+            break
         passes += 1
         t = obj.correlations(R)
         alpha = (2.0 * w * t - wsq * obj.csq) / N
         beta = (2.0 * w * t + wsq * obj.csq) / N
-        swaps = 0
-        for group in groups:
+        for gnum, group in enumerate(groups):
             drop, J = group[pruned[group]], group[~pruned[group]]
-            if len(drop) == 0 or len(J) == 0:
+            if done[gnum] or len(drop) == 0 or len(J) == 0:
+                done[gnum] = True
                 continue
             drop = drop[np.argsort(-alpha[drop], kind="stable")]
             i0 = drop[0]
@@ -169,44 +208,39 @@ def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: 
                 gi0 = obj.gather(np.array([i0]))[:, 0]
                 gamma0[same] = 2.0 / N * w[i0] * w[J[same]] * (obj.gather(J[same]).T @ gi0)
             J = J[np.argsort(beta[J] - gamma0, kind="stable")]
+            delta, gi, Gj = swap_deltas(obj, w, R, int(i0), J[:1])
+            if not delta[0] < -cfg.epsilon:  # the best-ranked pair does not improve: converged
+                done[gnum] = True
+                continue
+            swap(int(i0), int(J[0]), gi, Gj[:, 0])
+            swaps_total += 1
             used = np.zeros(len(J), dtype=bool)
-            no_match = 0
-            for pos, i in enumerate(drop):
-                lo, hi = max(0, pos - cfg.range), min(len(J), pos + cfg.range + 1)
+            used[0] = True
+            misses = 0
+            for pos in range(1, len(drop)):
+                if misses > cfg.max_no_match:
+                    break
+                lo, hi = max(1, pos - cfg.range), min(len(J), pos + cfg.range)
                 cand = np.arange(lo, hi)[~used[lo:hi]] if lo < hi else np.arange(0)
-                found = -1
+                hits = np.arange(0)
                 if len(cand):
-                    js = J[cand]
-                    bi, bj = obj.bid[i], obj.bid[js]
-                    gi = obj.gather(np.array([i]))[:, 0]
-                    Gj = obj.gather(js)
-                    si = gi @ R[:, bi]
-                    sj = np.einsum("ij,ij->j", Gj, R[:, bj])
-                    cross = np.where(bj == bi, Gj.T @ gi, 0.0)
-                    delta = (-2.0 * w[i] * si + wsq[i] * obj.csq[i] + 2.0 * w[js] * sj + wsq[js] * obj.csq[js]
-                             - 2.0 * w[i] * w[js] * cross) / N
+                    i = int(drop[pos])
+                    delta, gi, Gj = swap_deltas(obj, w, R, i, J[cand])
                     hits = np.nonzero(delta < -cfg.epsilon)[0]
-                    if len(hits):
-                        found = int(hits[0])
-                if found < 0:
-                    no_match += 1
-                    if no_match >= cfg.max_no_match:
-                        break
+                if not len(hits):
+                    misses += 1
                     continue
-                j = int(js[found])
-                pruned[i], pruned[j] = False, True
-                R[:, bi] -= w[i] * gi
-                R[:, obj.bid[j]] += w[j] * Gj[:, found]
+                found = int(hits[0])
+                swap(i, int(J[cand[found]]), gi, Gj[:, found])
                 used[cand[found]] = True
-                swaps += 1
-                no_match = 0
-        swaps_total += swaps
+                swaps_total += 1
         bar.update(1)
-        if swaps == 0:
-            break
+    else:
+        if all(done):
+            stop = "top_pair"
     bar.close()
     R = obj.residuals(np.where(pruned, w, 0.0))  # exact, not accumulated
-    return pruned, {"phi_init": phi0, "phi": obj.phi(R), "swaps": swaps_total, "passes": passes}
+    return pruned, {"phi_init": phi0, "phi": obj.phi(R), "swaps": swaps_total, "passes": passes, "stop": stop}
 
 
 def cbs_update(G: GradientMatrix, blocks: list[slice], w: torch.Tensor, mask0: torch.Tensor, mask: torch.Tensor,
@@ -270,6 +304,6 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
         new_w += cfg.update_scale * delta.cpu().to(torch.float64)
     new_w = new_w * mask
     info = {"phi_rmp": stats["phi_init"], "phi": stats["phi"], "swaps": stats["swaps"],
-            "passes": stats["passes"], "blocks": len(blocks)}
+            "passes": stats["passes"], "stop": stats["stop"], "blocks": len(blocks)}
     return PruneResult(w=new_w.to(device=problem.w.device, dtype=problem.w.dtype),
                        mask=mask.to(problem.mask.device), info=info)

@@ -19,11 +19,23 @@ methods run identical iterations):
   `hard_thresholding_ls`: the step tau* = <grad, d_S> / (||G d_S||^2 + N lam ||d_S||^2) that
   minimises Q along the gradient on the current support, taken when it is below the
   support-change bound, else step expansion from that bound) on an active set that starts from
-  the support of one IHT step with ceil(1.5 k) non-zeros and grows by an outlier search.
+  the support of one IHT step with int(1.5 k) non-zeros (CHITA kimp) and grows by an outlier search.
 * ``iht``: the same IHT with line search on all p columns.
 * ``backsolve`` (CHITA `Heuristic_LS`): support = top-k |w_bar| (or one IHT step), then the ridge
   least squares on the support, (G_S^T G_S + N lam I) w_S = G_S^T y + N lam w_bar_S, solved in
   the N x N space with Woodbury when N < k.
+
+lr's defaults beyond the solver shared with `swap` (whose defaults keep the original behaviour):
+
+* ``drop_zero_columns`` (CHITA's `*_PP` wrappers): weights whose column of G is all zero (inputs
+  that are always zero, dead units, weights pruned earlier) are left out of the solve and pruned
+  for free; Q still counts their ridge term (N lam / 2) w_bar_j^2.
+* ``support_steps: cg``: while the support does not change, steps follow conjugate directions
+  (Polak-Ribiere+, exact line search): on a fixed support Q is quadratic and these are linear CG
+  steps, so the solve stops on its tolerance `ftol` instead of creeping at steepest descent's rate
+  until `max_iter` (info `max_iter_hit` records whether any inner solve hit the cap).
+* ``finish: backsolve``: the final support gets the exact ridge minimiser above (CHITA
+  `Heuristic_LS` on the support IHT chose; info `objective_iht` is Q before it).
 
 Never forms a p x p matrix; G is used through matvec / rmatvec and column subsets.
 """
@@ -46,7 +58,12 @@ NEEDS_GRADIENTS = True
 
 @dataclass(frozen=True)
 class Config(SolverConfig):
-    """The solver knobs of `pruning.sparse_regression.SolverConfig` (defaults: CHITA's, lam = 0.01)."""
+    """The solver knobs of `pruning.sparse_regression.SolverConfig` (defaults: CHITA's, lam = 0.01),
+    with CHITA's zero-column drop, conjugate steps on a fixed support and the final backsolve on."""
+
+    drop_zero_columns: bool = True   # CHITA Active_IHTCDLS_PP: all-zero columns are pruned for free
+    support_steps: str = "cg"        # converges on ftol (steepest descent on a support hits max_iter)
+    finish: str = "backsolve"        # exact ridge minimiser on the final support (CHITA Heuristic_LS)
 
 
 def solve_info(res: SolveResult, k: int, algorithm: str, seconds: float) -> dict[str, Any]:

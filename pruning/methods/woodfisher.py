@@ -2,7 +2,8 @@
 Network Compression", NeurIPS 2020 (algorithms.md section 3).
 
 Per block b of the prunable weights (one per tensor, tensors cut into chunks of at most B, or one
-block over everything with `block_size: full`), with G_b the N x B columns of the gradient matrix
+block over everything with `block_size: full`; the default `auto` is full for models of at most
+FULL_BLOCK_MAX weights, as the reference's MLPNet runs), with G_b the N x B columns of the gradient matrix
 (columns of already-pruned weights zeroed, as the reference masks its gradients):
 
   dampened empirical Fisher   F_b = lambda I + (1/N) G_b^T G_b                            (WF eq. 3)
@@ -47,7 +48,7 @@ class Config:
     damp: float = 1e-5                  # lambda, additive dampening (the reference scripts' fisher_damp)
     scope: str = "global"               # global (joint threshold) | layerwise
     update_scale: float = 1.0           # c_u: 1 = OBS (reference default), 0 = OBD, CBS/SWAP scripts 0.9
-    block_size: int | str | None = None  # null = G's blocks (calibration.block_size) | B | "full"
+    block_size: int | str | None = "auto"  # auto | null = G's blocks (calibration.block_size) | B | "full"
     inverse: str = "auto"               # auto | woodbury | dense | rank1 (reference recursion)
     dtype: str = "float64"              # precision of the block algebra
 
@@ -65,15 +66,26 @@ def validate_common(cfg: Config) -> None:
     if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us < 0:
         raise ConfigError("method.update_scale", us, "a number >= 0 (1 = OBS, 0 = OBD)")
     bs = cfg.block_size
-    if not (bs is None or bs == "full" or (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0)):
-        raise ConfigError("method.block_size", bs, "null (G's blocks), a positive integer, full")
+    if not (bs is None or bs in ("full", "auto") or (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0)):
+        raise ConfigError("method.block_size", bs, "auto, null (G's blocks), a positive integer, full")
     if getattr(cfg, "inverse", "auto") not in INVERSES:
         raise ConfigError("method.inverse", cfg.inverse, ", ".join(INVERSES))
     choice(cfg.dtype, "method.dtype", DTYPES)
 
 
+# `block_size: auto` takes one full Fisher block up to this many prunable weights: the reference
+# prunes MLPNet (32,360 weights) with the full p x p Fisher (WoodFisher `woodfisher` pruner, the CBS
+# MLPNet scripts) and ResNet-20 (0.27M) and larger per layer (`woodfisherblock`).
+FULL_BLOCK_MAX = 50_000
+
+
 def method_blocks(layout: ParamLayout, G: GradientMatrix, block_size: int | str | None) -> list[slice]:
-    """The Fisher blocks: G's own (None), chunks of at most B per tensor, or one block ("full")."""
+    """The Fisher blocks: G's own (None), chunks of at most B per tensor, one block ("full"), or
+    "auto": one block for a small model (at most FULL_BLOCK_MAX weights) whose G has the default
+    per-layer blocks, else G's blocks."""
+    if block_size == "auto":
+        per_layer = [(sl.start, sl.stop) for sl in G.blocks] == [(sl.start, sl.stop) for sl in layout.slices()]
+        block_size = "full" if per_layer and layout.numel <= FULL_BLOCK_MAX else None
     if block_size is None:
         return list(G.blocks)
     if block_size == "full":
