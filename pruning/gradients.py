@@ -55,6 +55,7 @@ extra read of G at the disk's speed, a few seconds per GB on one core), and its 
 stored indices must equal the requested ones. A missing, short or garbled entry is a miss: it is
 removed, G is recomputed and stored again, and `warn` (the run record's warnings) names it.
 ``indices.npy`` is read with ``allow_pickle=False``: no code runs from a cache file.
+Block factorisations of G (`pruning.factor_cache`) live in ``<entry>/factors/`` and go with it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ Cholesky factor of the N x N matrix N lambda I + G_b G_b^T, in O(N^2 B + N^3) ti
 memory. When N >= B a dense B x B inverse is used (`dense`); `rank1` is the paper's recursion,
 kept as a reference (O(N B^2)). Selection is global (one threshold over all rho, the reference's
 `--woodburry-joint-sparsify`) or layerwise (the same sparsity in every tensor). After the update the
-new mask is applied, so pruned weights are exactly zero (`--zero-after-prune`).
+new mask is applied, so pruned weights are exactly zero (`--zero-after-prune`). The factor and
+diag(F^-1) of each block (and G G^T) go through `pruning.factor_cache`: other sparsities, methods
+and jobs of the same G, mask and damp reuse them (stage info `factor_cache`, `factor_seconds`).
 """
 
 from __future__ import annotations
