@@ -85,6 +85,13 @@ def test_cbs_reuses_the_gram_matrix_bit_identically(tmp_path):
     F = Gd.T @ Gd / N + cfg.damp * torch.eye(LAYOUT.numel, dtype=torch.float64)
     dK = torch.linalg.solve(F[K][:, K], (Gd[:, K].T @ (Gd[:, drop] @ w0[drop])) / N)
     assert torch.allclose(res.w[K].double(), (w0[K] + dK).float().double(), atol=1e-5)
+    # two CBS sparsities in sequence: the second reuses the first's Gram matrix, bit-identically
+    factor_cache.clear_memory()
+    cold = cbs.prune(problem(grads()), 0.2, cfg)
+    factor_cache.clear_memory()
+    assert cbs.prune(problem(G), 0.3, cfg).info["factor_cache"] == "hit"
+    again = cbs.prune(problem(G), 0.2, cfg)
+    assert again.info["factor_cache"] == "hit" and torch.equal(again.w, cold.w)
 
 
 def test_garbled_entry_is_recomputed_with_a_warning(tmp_path):
