@@ -55,6 +55,7 @@ extra read of G at the disk's speed, a few seconds per GB on one core), and its 
 stored indices must equal the requested ones. A missing, short or garbled entry is a miss: it is
 removed, G is recomputed and stored again, and `warn` (the run record's warnings) names it.
 ``indices.npy`` is read with ``allow_pickle=False``: no code runs from a cache file.
+Block factorisations of G (`pruning.factor_cache`) live in ``<entry>/factors/`` and go with it.
 """
 
 from __future__ import annotations
@@ -288,7 +289,9 @@ class GradientMatrix:
     `device` (`lazy_dtype`, `lazy_device`; `to()` only changes these), and `data` holds lazy
     memory-map views for compatibility only. `key` is the cache key of the noise-free G (None
     when it was not computed through the cache). `max_resident_bytes` bounds dense copies of
-    columns that solvers may keep (None: no bound).
+    columns that solvers may keep (None: no bound). `entry` is the directory of G's cache entry
+    when G is exactly what that entry holds (None otherwise, e.g. after gradient-row noise):
+    `pruning.factor_cache` keeps G's factorisations under it.
     """
 
     blocks: list[slice]
@@ -300,6 +303,7 @@ class GradientMatrix:
     lazy_dtype: torch.dtype | None = None
     lazy_device: torch.device | None = None
     max_resident_bytes: int | None = None
+    entry: Path | None = None
 
     def __post_init__(self) -> None:
         self._owners = _owners_by_size(self.store.sizes, self.blocks) if self.store is not None else None
@@ -893,6 +897,7 @@ def build_gradient_matrix(
         _discard(path)
         hit = None
     if hit is not None:
+        hit.entry = path
         return hit
     meta = {"key": key, "mini_batch": mini_batch, "seed": seed, "extra": key_extra}
     if stream:
@@ -905,6 +910,7 @@ def build_gradient_matrix(
             try:
                 os.rename(tmp, path)
                 G.store.root = path
+                G.entry = path
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)  # our open files stay readable after the unlink
         except BaseException:
@@ -914,7 +920,7 @@ def build_gradient_matrix(
         return G
     G = compute_gradient_matrix(model, layout, source, None, indices, stream=False, **kw)
     save_gradient_matrix(G, layout, path, meta)
-    G.key = key
+    G.key, G.entry = key, path
     return G
 
 
@@ -952,12 +958,12 @@ def apply_row_noise(G: GradientMatrix, noise: Any, gen: torch.Generator,
     if noise is None:
         return G
     if hasattr(noise, "gradient_matrix"):
-        return noise.gradient_matrix(G, gen)
+        return replace(noise.gradient_matrix(G, gen), entry=None)  # G's cached factorisations do not apply
     if type(noise).gradients is NoiseModel.gradients:
         return G
     if not G.mmap:
         noisy = noise.gradients(G.dense(), gen)
-        return replace(G, data=[noisy[:, sl].contiguous() for sl in G.blocks])
+        return replace(G, data=[noisy[:, sl].contiguous() for sl in G.blocks], entry=None)
     p, n = G.num_cols, G.num_rows
     step = chunk_rows or max(1, (1 << 24) // max(p, 1))
     root = Path(tempfile.mkdtemp(prefix="grads-noise-"))

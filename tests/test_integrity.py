@@ -83,8 +83,9 @@ def cache(trained: Path, tmp_path: Path) -> Path:
 
 
 def _result(rec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics and stages without wall-clock fields."""
-    return rec["metrics"], [{k: v for k, v in s.items() if k != "seconds"} for s in rec["stages"]]
+    """Metrics and stages without wall-clock fields (nor whether the factor cache was hit)."""
+    skip = ("seconds", "factor_cache", "factor_seconds")
+    return rec["metrics"], [{k: v for k, v in s.items() if k not in skip} for s in rec["stages"]]
 
 
 def _dense_file(cache: Path) -> Path:

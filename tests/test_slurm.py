@@ -203,12 +203,14 @@ def _epochs_done(run_dir: Path, phase: str = "finetune") -> int:
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("seconds", "step")} for r in rows
+    drop = ("seconds", "step", "factor_cache", "factor_seconds")
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows
             if r.get("phase") != "dense_train"]
 
 
 def _result(rec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    return rec["metrics"], [{k: v for k, v in s.items() if k != "seconds"} for s in rec["stages"]]
+    skip = ("seconds", "factor_cache", "factor_seconds")  # wall clock, and whether the factor cache was hit
+    return rec["metrics"], [{k: v for k, v in s.items() if k not in skip} for s in rec["stages"]]
 
 
 def _sacct(job: str) -> dict[str, str]:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pruning import factor_cache
 from pruning.errors import ConfigError
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, num_kept
@@ -244,10 +245,16 @@ def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: 
 
 
 def cbs_update(G: GradientMatrix, blocks: list[slice], w: torch.Tensor, mask0: torch.Tensor, mask: torch.Tensor,
-               damp: float, dtype: torch.dtype, progress: bool = False) -> torch.Tensor:
+               damp: float, dtype: torch.dtype, progress: bool = False,
+               stats: factor_cache.CacheStats | None = None) -> torch.Tensor:
     """The exact multi-weight OBS step delta (CBS-U) per Fisher block, for the newly pruned set
     I = mask0 & ~mask (weights pruned before stay zero): delta_I = -w_I and
-    delta_K = F_KK^-1 (1/N) G_K^T G_I w_I on the kept set K; zero elsewhere."""
+    delta_K = F_KK^-1 (1/N) G_K^T G_I w_I on the kept set K; zero elsewhere.
+
+    On the Woodbury path with |I| < |K|, G_K G_K^T = G_b G_b^T - G_I G_I^T from the block's Gram
+    matrix, shared across sparsities and with WoodFisher (`pruning.factor_cache.gram`): N^2 |I|
+    instead of N^2 |K| per call (columns of weights pruned before are zero in G_b, in neither set)."""
+    stats = stats if stats is not None else factor_cache.CacheStats()
     delta = torch.zeros_like(w)
     pruned = mask0 & ~mask
     N = G.num_rows
@@ -261,9 +268,13 @@ def cbs_update(G: GradientMatrix, blocks: list[slice], w: torch.Tensor, mask0: t
         delta[sl.start + idx_i] = -wI
         if len(idx_k) == 0:
             continue
-        GK = Gb[:, idx_k]
-        rhs = GK.T @ (Gb[:, idx_i] @ wI) / N
-        delta[sl.start + idx_k] = BlockInverse(GK, damp, "auto", dtype).matvec(rhs)
+        GK, GI = Gb[:, idx_k], Gb[:, idx_i]
+        rhs = GK.T @ (GI @ wI) / N
+        gram = None
+        if N < len(idx_k) and len(idx_i) < len(idx_k):
+            gram = factor_cache.gram(G, Gb, sl, mask0, stats)
+            gram = torch.addmm(gram, GI, GI.T, alpha=-1.0)
+        delta[sl.start + idx_k] = BlockInverse(GK, damp, "auto", dtype, gram=gram).matvec(rhs)
     return delta
 
 
@@ -297,13 +308,16 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
     pruned, stats = local_search(obj, w, best, groups, cfg, progress=layout.numel > 50_000)
     mask = torch.from_numpy(~pruned)
     new_w = w_t.clone()
+    cache = factor_cache.CacheStats()
     if cfg.update and cfg.update_scale != 0:
         dev = G.device
         delta = cbs_update(G, blocks, w_t.to(dev, dtype), mask0.to(dev), mask.to(dev), cfg.damp, dtype,
-                           progress=len(blocks) >= 4)
+                           progress=len(blocks) >= 4, stats=cache)
         new_w += cfg.update_scale * delta.cpu().to(torch.float64)
     new_w = new_w * mask
     info = {"phi_rmp": stats["phi_init"], "phi": stats["phi"], "swaps": stats["swaps"],
             "passes": stats["passes"], "stop": stats["stop"], "blocks": len(blocks)}
+    if cache.status:
+        info.update(cache.info("gram"))
     return PruneResult(w=new_w.to(device=problem.w.device, dtype=problem.w.dtype),
                        mask=mask.to(problem.mask.device), info=info)

@@ -20,7 +20,9 @@ Cholesky factor of the N x N matrix N lambda I + G_b G_b^T, in O(N^2 B + N^3) ti
 memory. When N >= B a dense B x B inverse is used (`dense`); `rank1` is the paper's recursion,
 kept as a reference (O(N B^2)). Selection is global (one threshold over all rho, the reference's
 `--woodburry-joint-sparsify`) or layerwise (the same sparsity in every tensor). After the update the
-new mask is applied, so pruned weights are exactly zero (`--zero-after-prune`).
+new mask is applied, so pruned weights are exactly zero (`--zero-after-prune`). The factor and
+diag(F^-1) of each block (and G G^T) go through `pruning.factor_cache`: other sparsities, methods
+and jobs of the same G, mask and damp reuse them (stage info `factor_cache`, `factor_seconds`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pruning import factor_cache
 from pruning.errors import ConfigError, choice
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, select_mask
@@ -128,11 +131,12 @@ class BlockInverse:
 
     `method`: woodbury (the N x N closed form), dense (B x B Cholesky inverse), rank1 (the
     recursion), auto (woodbury when N < B, else dense). `factor` reuses the result of `factor()`
-    of an earlier object built on the same G (Cholesky factor or dense inverse).
+    of an earlier object built on the same G (Cholesky factor or dense inverse); `gram` is G G^T
+    when already known (`pruning.factor_cache.gram`), so only the damp and the Cholesky remain.
     """
 
     def __init__(self, G: torch.Tensor, damp: float, method: str = "auto", dtype: torch.dtype = torch.float64,
-                 factor: torch.Tensor | None = None):
+                 factor: torch.Tensor | None = None, gram: torch.Tensor | None = None):
         if method not in INVERSES:
             raise ValueError(f"method={method!r} is not one of {INVERSES}")
         self.N, self.B = G.shape
@@ -141,7 +145,7 @@ class BlockInverse:
         self.G = G.to(dtype)
         if self.method == "woodbury":
             if factor is None:
-                K = self.G @ self.G.T
+                K = self.G @ self.G.T if gram is None else gram.to(dtype, copy=True)
                 K.diagonal().add_(self.N * self.damp)
                 factor = _cholesky(K, "N damp I + G G^T")
             self.L = factor
@@ -186,6 +190,29 @@ class BlockInverse:
         return self.matvec(torch.eye(self.B, dtype=self.G.dtype, device=self.G.device))
 
 
+def cached_inverse(G: GradientMatrix, sl: slice, mask: torch.Tensor, damp: float, method: str,
+                   device: torch.device, dtype: torch.dtype,
+                   stats: factor_cache.CacheStats) -> tuple[BlockInverse, torch.Tensor]:
+    """The block inverse of columns `sl` (pruned columns zeroed by `mask`) and diag(F^-1), through
+    `pruning.factor_cache`: the factor (L or the dense F^-1) and the diagonal are computed once per
+    (G, block, mask, damp, inverse, dtype) and G G^T once per (G, block, mask, dtype)."""
+    Gb = masked_block(G, sl, mask, device, dtype)
+    n, b = Gb.shape
+    resolved = ("woodbury" if n < b else "dense") if method == "auto" else method
+    identity = factor_cache.matrix_identity(G, Gb)
+
+    def compute() -> dict[str, torch.Tensor]:
+        K = factor_cache.gram(G, Gb, sl, mask, stats, identity) if resolved == "woodbury" else None
+        inv = BlockInverse(Gb, damp, resolved, dtype, gram=K)
+        return {"factor": inv.factor(), "diag": inv.diag()}
+
+    parts = {"block": [sl.start, sl.stop], "rows": n, "dtype": str(dtype), "mask": factor_cache.mask_hash(mask[sl]),
+             "damp": float(damp), "inverse": resolved}
+    shapes = {"factor": (n, n) if resolved == "woodbury" else (b, b), "diag": (b,)}
+    got = factor_cache.lookup(G, "inverse", identity, parts, shapes, dtype, device, compute, stats)
+    return BlockInverse(Gb, damp, resolved, dtype, factor=got["factor"]), got["diag"]
+
+
 # ------------------------------------------------------------------------------------ pruning
 def masked_block(G: GradientMatrix, sl: slice, mask: torch.Tensor, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
@@ -209,9 +236,9 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
     d = torch.empty_like(w)
     factors: list[torch.Tensor | None] = []
     kept = 0
+    stats = factor_cache.CacheStats()
     for sl in tqdm(blocks, desc="woodfisher inverse", leave=False, disable=not problem.progress or len(blocks) < 4):
-        inv = BlockInverse(masked_block(G, sl, mask0, device, dtype), cfg.damp, cfg.inverse, dtype)
-        d[sl] = inv.diag()
+        inv, d[sl] = cached_inverse(G, sl, mask0, cfg.damp, cfg.inverse, device, dtype, stats)
         f = inv.factor()
         keep = kept + f.numel() <= _KEEP_FACTORS
         factors.append(f if keep else None)
@@ -231,5 +258,5 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
     new_w = new_w * mask
     out_w = new_w.to(device=problem.w.device, dtype=problem.w.dtype)
     info = {"saliency_pruned": float(rho[pruned].sum()), "blocks": len(blocks),
-            "inverse": cfg.inverse, "damp": float(cfg.damp)}
+            "inverse": cfg.inverse, "damp": float(cfg.damp), **stats.info("inverse")}
     return PruneResult(w=out_w, mask=mask.to(problem.mask.device), info=info)
