@@ -864,7 +864,7 @@ def solve(op: Any, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: in
     if not dropped:
         res = _solve(obj, op, w0c, k, cfg)
     res.info["dropped_columns"] = dropped
-    if k > 0:
+    if 0 < k < p:  # with k = p nothing is pruned (SWAP's first stage): staying put is not a failure
         res.info.update(progress_info(res, w0c, k))
     res.w = (res.w * res.mask).to(w0.device, out_dtype)
     res.mask = res.mask.to(w0.device)

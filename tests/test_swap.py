@@ -284,6 +284,15 @@ def test_no_progress_flag_when_the_solver_returns_its_start(method):
     assert not torch.equal(res.w, magnitude)
 
 
+@pytest.mark.parametrize("method", ["lr", "swap"])
+def test_no_pruning_asked_is_not_flagged_as_no_progress(method):
+    """k = p (SWAP's first stage, s_0 = 0): the anchor is the minimiser, so staying put is no failure."""
+    layout, G, Gm, w_bar = make_problem()
+    module = {"lr": lr, "swap": swap}[method]
+    res = module.prune(lr_problem(layout, Gm, w_bar), 0.0, module.Config(lam=1e-3))
+    assert "no_progress" not in res.info and int(res.mask.sum()) == w_bar.numel()
+
+
 def test_near_uniform_plan_stops_at_magnitude_and_says_so():
     """The reported bug: with a plan close to uniform (epsilon = inf here; epsilon = 1 raw on
     targets ~1e-2), the paper direction has no descent from H_k(w_bar): the result is magnitude
