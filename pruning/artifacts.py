@@ -18,7 +18,6 @@ checks the digest and loads the weights. Because the weights sit under `state_di
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,19 +29,11 @@ from omegaconf import OmegaConf
 
 from pruning.checkpoint import atomic_torch_save
 from pruning.errors import ConfigError
+from pruning.record import sha256_file
 
 MODEL_FILE = "model.pt"
 FORMAT = "pruning-noise/model"
 VERSION = 1
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (model files can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain(obj: Any) -> Any:
