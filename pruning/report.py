@@ -624,21 +624,38 @@ def _suptitle(fig: Any, key: Mapping[str, Any], extra: str = "") -> None:
     fig.suptitle(f"{title}{extra}", fontsize=10)
 
 
+def _panel_figure(panels: Sequence[tuple], sparsities: pd.Series, key: Mapping[str, Any], ylabel: str,
+                  draw: Any, extra_title: str = "") -> Any:
+    """One Figure with a panel per noise setting: `draw(ax, panel)` plots a panel's lines, then each
+    panel gets the sparsity axis, its noise title, a grid and a legend; the left column `ylabel`."""
+    from matplotlib.figure import Figure
+
+    cols = min(len(panels), 3)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * -(-len(panels) // cols)), layout="constrained")
+    for ax, panel in zip(_panel_axes(fig, len(panels)), panels):
+        draw(ax, panel)
+        sparsity_axis(ax, sparsities)
+        ax.set_title(f"noise: {panel[1]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in fig.axes[::cols]:
+        ax.set_ylabel(ylabel)
+    _suptitle(fig, key, extra_title)
+    return fig
+
+
 def sparsity_figures(df: pd.DataFrame, metric: str = DEFAULT_METRIC,
                      reference: str = DEFAULT_REFERENCE) -> list[tuple[str, Any]]:
     """(file suffix, matplotlib Figure) per (model, dataset, schedule, variant): metric vs sparsity,
     one line per method with a ±std band over seeds and its number of seeds in the legend, one
     panel per noise setting, the dense baseline dashed; x = `sparsity_axis`."""
-    from matplotlib.figure import Figure
-
     done = _completed(df, metric).dropna(subset=[metric])
     dm = dense_metric(metric)
     out = []
     for suffix, key, grp, panels in _figure_groups(done):
         methods = _method_order(grp["method_label"], reference)
-        cols = min(len(panels), 3)
-        fig = Figure(figsize=(4.2 * cols, 3.4 * -(-len(panels) // cols)), layout="constrained")
-        for ax, panel in zip(_panel_axes(fig, len(panels)), panels):
+
+        def draw(ax: Any, panel: tuple, grp: pd.DataFrame = grp, methods: list[str] = methods) -> None:
             sub = _panel(grp, panel)
             for i, m in enumerate(methods):
                 agg = sub[sub["method_label"] == m].groupby("sparsity")[metric].agg(["mean", "std", "count"])
@@ -647,14 +664,8 @@ def sparsity_figures(df: pd.DataFrame, metric: str = DEFAULT_METRIC,
                           f"{m} ({_n_label(agg['count'])})", f"C{i}")
             if dm and dm in sub.columns and sub[dm].notna().any():
                 ax.axhline(float(pd.to_numeric(sub[dm]).mean()), ls="--", color="k", lw=1, label="dense")
-            sparsity_axis(ax, grp["sparsity"])
-            ax.set_title(f"noise: {panel[1]}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in fig.axes[::cols]:
-            ax.set_ylabel(metric_label(metric))
-        _suptitle(fig, key)
-        out.append((suffix, fig))
+
+        out.append((suffix, _panel_figure(panels, grp["sparsity"], key, metric_label(metric), draw)))
     return out
 
 
@@ -672,8 +683,6 @@ def paired_figures(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: st
     """(file suffix, Figure) of the paired differences metric(method) - metric(reference) (same cell
     and seed, `paired_differences`) vs sparsity: mean with its t-interval as error bars (none with
     one seed), a zero line, the same x axis and panels as `sparsity_figures`."""
-    from matplotlib.figure import Figure
-
     paired = paired_differences(df, metric, reference, confidence) if not df.empty else pd.DataFrame()
     if paired.empty:
         return []
@@ -681,9 +690,8 @@ def paired_figures(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: st
     methods = _method_order(list(paired["method_label"]) + [reference], reference)[1:]
     out = []
     for suffix, key, grp, panels in _figure_groups(paired):
-        cols = min(len(panels), 3)
-        fig = Figure(figsize=(4.2 * cols, 3.4 * -(-len(panels) // cols)), layout="constrained")
-        for ax, panel in zip(_panel_axes(fig, len(panels)), panels):
+
+        def draw(ax: Any, panel: tuple, grp: pd.DataFrame = grp) -> None:
             sub = _panel(grp, panel)
             ax.axhline(0.0, color="k", lw=1)
             for i, m in enumerate(methods, start=1):  # colours as in sparsity_figures (C0 = reference)
@@ -695,13 +703,9 @@ def paired_figures(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: st
                        (rows["ci_high"] - rows["mean_diff"]).fillna(0.0)]
                 ax.errorbar(x, rows["mean_diff"], yerr=err, marker="o", capsize=3, color=f"C{i}",
                             label=f"{m} ({_n_label(rows['n'])})")
-            sparsity_axis(ax, grp["sparsity"])
-            ax.set_title(f"noise: {panel[1]}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in fig.axes[::cols]:
-            ax.set_ylabel(f"{metric_label(metric)}: method - {reference}")
-        _suptitle(fig, key, f", paired differences ({confidence:.0%} CI over seeds)")
+
+        fig = _panel_figure(panels, grp["sparsity"], key, f"{metric_label(metric)}: method - {reference}", draw,
+                            f", paired differences ({confidence:.0%} CI over seeds)")
         out.append((suffix, fig))
     return out
 
