@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pruning.errors import ConfigError, unknown_key
+from pruning.errors import ConfigError, require, unknown_key
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -298,11 +298,6 @@ def resolve_device(spec: str) -> Any:
             raise ConfigError("device", spec, "'auto' or 'cpu' (no CUDA device is visible)", "cannot be used")
         return torch.device(spec)
     raise ConfigError("device", spec, "auto, cpu, cuda, cuda:N")
-
-
-def require(cond: bool, key: str, value: Any, allowed: str, problem: str | None = None) -> None:
-    if not cond:
-        raise ConfigError(key, value, allowed, problem)
 
 
 def validate(cfg: Any) -> None:

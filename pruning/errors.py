@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,3 +48,70 @@ def unknown_key(key: str, value: Any, candidates: Iterable[str], where: str = "a
 class RunCheckError(RuntimeError):
     """A run that finished its computation but failed a check (e.g. its achieved sparsity misses
     the target): recorded as failed and reported as one line, never as a traceback."""
+
+
+def number(value: Any, key: str, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False) -> float:
+    """A float from a number or a fraction string such as "8/255" (handy on the command line)."""
+    out: float | None = None
+    if isinstance(value, bool):
+        out = None
+    elif isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        try:
+            if "/" in value:
+                num, den = value.split("/", 1)
+                out = float(num) / float(den)
+            else:
+                out = float(value)
+        except (ValueError, ZeroDivisionError):
+            out = None
+    bounds = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+    if out is None or not math.isfinite(out):
+        raise ConfigError(key, value, f"a number in {bounds} (or a fraction such as 8/255)", "is not a number")
+    if (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and out > hi):
+        raise ConfigError(key, value, f"a number in {bounds}", "is out of range")
+    return out
+
+
+def integer(value: Any, key: str, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(key, value, f"an integer >= {lo}")
+    return int(value)
+
+
+def numbers(value: Any, key: str, lo: float | None = None, hi: float | None = None) -> tuple[float, ...]:
+    """A non-empty list of numbers (a single number is a list of one)."""
+    items = list(value) if isinstance(value, (list, tuple)) or _is_list_config(value) else [value]
+    if not items:
+        raise ConfigError(key, value, "a non-empty list of numbers", "is empty")
+    return tuple(number(v, f"{key}[{i}]", lo, hi) for i, v in enumerate(items))
+
+def _is_list_config(value: Any) -> bool:
+    return type(value).__name__ == "ListConfig"  # omegaconf's list, without importing it in the core
+
+
+def flag(value: Any, key: str, default: bool | None = None) -> bool:
+    """A boolean (`None` takes `default` when one is given)."""
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true, false")
+    return value
+
+
+def megabytes(value: Any, key: str, allow_none: bool = False) -> float | None:
+    """A positive number of MiB (or null when `allow_none`)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(key, value, "a positive number of MiB" + (" or null" if allow_none else ""))
+    return float(value)
+
+
+def require(cond: bool, key: str, value: Any, allowed: str, problem: str | None = None) -> None:
+    """Raise ConfigError(key, value, allowed, problem) unless `cond`."""
+    if not cond:
+        raise ConfigError(key, value, allowed, problem)
+

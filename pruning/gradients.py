@@ -83,7 +83,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from pruning.calibration import RowSource, TensorRows, tensor_hash
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, flag, megabytes
 from pruning.layout import ParamLayout
 from pruning.record import sha256_file
 
@@ -808,24 +808,6 @@ def cache_key(model: nn.Module, layout: ParamLayout, source: RowSource, indices:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _flag(cal: Mapping[str, Any], key: str, default: bool) -> bool:
-    v = cal.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise ConfigError(f"calibration.{key}", v, "true, false")
-    return v
-
-
-def _megabytes(cal: Mapping[str, Any], key: str, default: float | None, allow_none: bool) -> float | None:
-    v = cal.get(key, default)
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise ConfigError(f"calibration.{key}", v, "a positive number of MiB" + (" or null" if allow_none else ""))
-    return float(v)
-
-
 def build_gradient_matrix(
     model: nn.Module,
     layout: ParamLayout,
@@ -860,10 +842,10 @@ def build_gradient_matrix(
     chunk_size = int(calibration.get("chunk_size", 128))
     block_size = calibration.get("block_size")
     block_size = None if block_size is None else int(block_size)
-    stream = _flag(calibration, "stream", False)
-    use_cache = _flag(calibration, "cache", True) and cache_dir is not None
+    stream = flag(calibration.get("stream"), "calibration.stream", False)
+    use_cache = flag(calibration.get("cache"), "calibration.cache", True) and cache_dir is not None
     device = next(model.parameters()).device
-    resident_mb = _megabytes(calibration, "resident_mb", RESIDENT_MB, allow_none=True)
+    resident_mb = megabytes(calibration.get("resident_mb", RESIDENT_MB), "calibration.resident_mb", allow_none=True)
     stream_cols = calibration.get("stream_cols")
     if stream_cols is not None and (isinstance(stream_cols, bool) or not isinstance(stream_cols, int)
                                     or stream_cols <= 0):
@@ -874,7 +856,8 @@ def build_gradient_matrix(
     source = as_rows(inputs, targets, mini_batch)
     kw = {"mini_batch": mini_batch, "chunk_size": chunk_size, "block_size": block_size, "sub_batch": sub_batch,
           "loss_fn": loss_fn, "progress": progress,
-          "stream_chunk_mb": _megabytes(calibration, "stream_chunk_mb", STREAM_CHUNK_MB, allow_none=False),
+          "stream_chunk_mb": megabytes(calibration.get("stream_chunk_mb", STREAM_CHUNK_MB),
+                                       "calibration.stream_chunk_mb"),
           "stream_cols": stream_cols, "resident_mb": resident_mb}
     if not use_cache:
         scratch = None

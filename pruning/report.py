@@ -22,7 +22,7 @@ Labels derived from a run's result-relevant overrides:
   noise label    the noise kind plus its parameters, e.g. `gradient(kappa=2)`; `none`
   variant        any other override (e.g. `finetune=short`): a separate table
 Paired differences compare runs of two methods in the same cell and with the same seed, i.e.
-with the same calibration subset, G and noise draws (see `pruning.task.derive_seed`).
+with the same calibration subset, G and noise draws (see `pruning.seeds.derive_seed`).
 
 `--to-wandb` uploads the tables and plots to a run with job_type="report" in the sweep's group.
 """

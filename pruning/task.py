@@ -28,22 +28,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pruning import calibrate, methods
 from pruning import config as config_mod
 from pruning import device as device_mod
-from pruning import methods
 from pruning import noise as noise_mod
 from pruning.artifacts import save_pruned
-from pruning.calibration import DatasetRows
 from pruning.checkpoint import StageCheckpoint, atomic_torch_save
 from pruning.data import DataBundle, build_dataset
 from pruning.errors import ConfigError, RunCheckError
-from pruning.gradients import GradientMatrix, apply_row_noise, build_gradient_matrix, noise_cache_key
+from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, apply_mask, get_flat, make_layout, set_flat, sparsity_stats
 from pruning.lock import RunLock, describe
 from pruning.logs import ensure_console, show_progress
 from pruning.methods.base import PruneResult, PruningProblem, TrainContext
 from pruning.models import Classifier, build_model, load_weights
 from pruning.record import RunRecord, atomic_write_json, remove_with_digest, run_id_for, verify_digest
+from pruning.seeds import derive_seed, generator
 from pruning.tracking import Tracker, build_tracker
 from pruning.train import (
     TrainConfig,
@@ -63,18 +63,6 @@ def _row_line(row: dict[str, Any]) -> str:
     items = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
              if k not in ("phase", "step", "epoch")]
     return f"{row.get('phase', '')} epoch {row.get('epoch')}: " + " ".join(items)
-
-
-def derive_seed(seed: int, stream: str) -> int:
-    """Independent seed per random stream, so changing one axis (e.g. the noise level) does not
-    change the draws of another (e.g. the calibration subset)."""
-    return int(hashlib.sha256(f"{seed}:{stream}".encode()).hexdigest()[:15], 16)
-
-
-def generator(seed: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(seed, stream))
-    return g
 
 
 def cubic_sparsity(t: int, t0: int, t_end: int, s_init: float, s_final: float) -> float:
@@ -119,7 +107,7 @@ def method_params(cfg: DictConfig) -> dict[str, Any]:
 
 
 # dataset keys that cannot change the dense model (its recipe is model.train)
-_DATA_KEYS_NOT_IN_DENSE = ("download", "verify_checksums", "batch_size", "num_workers")
+_DATA_KEYS_NOT_IN_DENSE = calibrate.DATA_KEYS_NOT_IN_EXAMPLES
 
 
 def _cfg_hash(*parts: Any) -> str:
@@ -405,69 +393,14 @@ class Job:
         self.say(f"dense checkpoint: {path} (test acc {dense['acc']:.4f}); prune it with \"model.checkpoint='{path}'\"")
 
     # --------------------------------------------------------------- pruning
-    def calibration_indices(self, stage: int) -> torch.Tensor:
-        """(N, m) calibration example indices drawn with the run's calibration stream (fresh per stage)."""
-        cal = self.cfg.calibration
-        n = int(cal.num_samples) * int(cal.mini_batch)
-        pool = len(self.data.calib)
-        g = generator(int(self.cfg.seed), f"calibration/{stage}")
-        if n <= pool:
-            idx = torch.randperm(pool, generator=g)[:n]
-        else:
-            idx = torch.randint(pool, (n,), generator=g)
-        return idx.view(int(cal.num_samples), int(cal.mini_batch))
-
-    def calibration_rows(self, stage: int) -> DatasetRows:
-        """The calibration examples of stage `stage`, read a block at a time while G is built (the
-        N x m inputs are never all in memory), with the noise model's calibration-input hook
-        applied per block (its draws seeded by the block number)."""
-        seed, cal = int(self.cfg.seed), self.cfg.calibration
-        data_cfg = OmegaConf.to_container(self.cfg.dataset, resolve=True)
-        key: dict[str, Any] = {"dataset": {k: v for k, v in data_cfg.items() if k not in _DATA_KEYS_NOT_IN_DENSE},
-                               "size": len(self.data.calib)}
-        prepare = None
-        if type(self.noise).calibration_inputs is not noise_mod.NoiseModel.calibration_inputs:
-            noise, model = self.noise, self.model
-
-            def prepare(x: torch.Tensor, y: torch.Tensor, block: int) -> torch.Tensor:
-                return noise.calibration_inputs(model, x, y, generator(seed, f"noise/{stage}/inputs/{block}"))
-
-            key["input_noise"] = {"noise": self.noise.record(), "draw": derive_seed(seed, f"noise/{stage}/inputs")}
-        return DatasetRows(self.data.calib, self.calibration_indices(stage), key=key, prepare=prepare,
-                           device=self.device, num_workers=self.num_workers if cal.get("num_workers") is None
-                           else int(cal.num_workers))
-
     def gradient_matrix(self, stage: int) -> GradientMatrix:
-        cal = self.cfg.calibration
-        rows = self.calibration_rows(stage)
-        seed = int(self.cfg.seed)  # one stream per hook: paired draws across methods and noise settings
-        try:
-            with self.noise.calibration_weights(self.model, self.layout, self.mask,
-                                                generator(seed, f"noise/{stage}/weights")):
-                # blocked G through the disk cache, keyed inside the weight-noise context
-                G = build_gradient_matrix(self.model, self.layout, rows, None, rows.indices, cal,
-                                          cache_dir=Path(self.cfg.paths.cache_dir) / "grads", seed=seed,
-                                          key_extra=noise_cache_key(self.noise, derive_seed(seed, f"noise/{stage}/weights")),
-                                          progress=self.progress, warn=self.record.warn)
-        finally:
-            rows.close()
-        # gradient-row noise acts after the cache
-        G = apply_row_noise(G, self.noise, generator(seed, f"noise/{stage}/gradients"))
-        self.check_finite_gradients(G, stage)
-        return G
-
-    def check_finite_gradients(self, G: GradientMatrix, stage: int) -> None:
-        """NaN/inf in G (an overflowing loss, a noise setting) would make every solver return NaN
-        weights: stop before solving. One pass over G's blocks (a read of G in stream mode)."""
-        bad = 0
-        for b in range(len(G.blocks)):
-            block = G.block(b)
-            bad += int(block.numel() - int(torch.isfinite(block).sum()))
-        if bad:
-            noise = f", noise {self.noise.record()}" if self.noise is not None and self.noise.kind != "none" else ""
-            raise ConfigError("calibration", f"G of stage {stage} ({G.num_rows} x {G.num_cols}{noise})",
-                              "finite gradients (check the dense weights, noise.* and the data)",
-                              f"has {bad} NaN/inf entries")
+        """G of `stage` at the current weights, noise applied (pruning.calibrate)."""
+        c = calibrate.Calibration(
+            calibration=OmegaConf.to_container(self.cfg.calibration, resolve=True),
+            dataset=OmegaConf.to_container(self.cfg.dataset, resolve=True),
+            cache_dir=Path(self.cfg.paths.cache_dir) / "grads", seed=int(self.cfg.seed), device=self.device,
+            num_workers=self.num_workers, progress=self.progress, warn=self.record.warn)
+        return calibrate.gradient_matrix(c, self.data.calib, self.model, self.layout, self.mask, self.noise, stage)
 
     def prune_step(self, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor) -> PruneResult:
         name = self.cfg.method.name

@@ -14,6 +14,7 @@ import torch
 from omegaconf import open_dict
 from test_cli import error_lines, launch
 
+from pruning import calibrate as calibrate_mod
 from pruning import task as task_mod
 from pruning.errors import ConfigError
 from pruning.task import Job, run
@@ -185,7 +186,7 @@ def test_nonfinite_checkpoint_weights_fail_before_pruning(make_cfg, tmp_path, de
 def test_nonfinite_gradients_fail_before_solving(make_cfg, tmp_path, monkeypatch):
     from pruning.methods import woodfisher
 
-    real = task_mod.apply_row_noise
+    real = calibrate_mod.apply_row_noise
 
     def poisoned(G, noise, gen):
         G = real(G, noise, gen)
@@ -193,7 +194,7 @@ def test_nonfinite_gradients_fail_before_solving(make_cfg, tmp_path, monkeypatch
         G.data[-1][0, 0] = math.inf
         return G
 
-    monkeypatch.setattr(task_mod, "apply_row_noise", poisoned)
+    monkeypatch.setattr(calibrate_mod, "apply_row_noise", poisoned)
     monkeypatch.setattr(woodfisher, "prune", lambda *a: (_ for _ in ()).throw(AssertionError("solved")))
     with pytest.raises(ConfigError) as err:
         run(make_cfg("method=woodfisher", "calibration.cache=false"), tmp_path / "run")

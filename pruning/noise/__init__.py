@@ -11,7 +11,7 @@ Keys (one module and one `conf/noise/<kind>.yaml` each):
 
 A noise model acts at up to four hook points of a run (after `bind(data)`, called once the run's
 data is loaded). The task passes each hook its own generator, derived from the run seed and a
-stream name (`pruning.task.generator`):
+stream name (`pruning.seeds.generator`):
   calibration_inputs(model, x, y, gen) -> x          inputs used to compute G,    "noise/<stage>/inputs/<block>"
                                                      one block of rows at a time
   calibration_weights(model, layout, mask, gen)      context manager: weights     "noise/<stage>/weights"
@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -49,7 +48,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, integer, number, numbers  # noqa: F401 (re-exported for noise modules)
 
 _MODULES = {
     "none": "pruning.noise",
@@ -144,45 +143,6 @@ def parse_config(cls: type[T], cfg: Mapping[str, Any] | Any, prefix: str = "nois
                     f.name for f in dataclasses.fields(default)))
             data[name] = parse_config(default, value, f"{prefix}.{name}")
     return cls(**data)
-
-
-def number(value: Any, key: str, lo: float | None = None, hi: float | None = None,
-           lo_open: bool = False) -> float:
-    """A float from a number or a fraction string such as "8/255" (handy on the command line)."""
-    out: float | None = None
-    if isinstance(value, bool):
-        out = None
-    elif isinstance(value, (int, float)):
-        out = float(value)
-    elif isinstance(value, str):
-        try:
-            if "/" in value:
-                num, den = value.split("/", 1)
-                out = float(num) / float(den)
-            else:
-                out = float(value)
-        except (ValueError, ZeroDivisionError):
-            out = None
-    bounds = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-    if out is None or not math.isfinite(out):
-        raise ConfigError(key, value, f"a number in {bounds} (or a fraction such as 8/255)", "is not a number")
-    if (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and out > hi):
-        raise ConfigError(key, value, f"a number in {bounds}", "is out of range")
-    return out
-
-
-def integer(value: Any, key: str, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(key, value, f"an integer >= {lo}")
-    return int(value)
-
-
-def numbers(value: Any, key: str, lo: float | None = None, hi: float | None = None) -> tuple[float, ...]:
-    """A non-empty list of numbers (a single number is a list of one)."""
-    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    if not items:
-        raise ConfigError(key, value, "a non-empty list of numbers", "is empty")
-    return tuple(number(v, f"{key}[{i}]", lo, hi) for i, v in enumerate(items))
 
 
 def apply_to(value: Any, key: str, allowed: Iterable[str] = ("calibration", "eval")) -> tuple[str, ...]:
