@@ -255,19 +255,19 @@ def _run_key(record: dict[str, Any] | None, overrides: list[str] | None, default
     return None
 
 
-def sweep_status(sweep_dir: str | Path) -> SweepStatus:
-    """Completed / failed / running / missing cells of a sweep directory.
+@dataclass
+class _Grids:
+    """What the launchers' grid files of a sweep say: the expected cells, per launcher the relaunch
+    command and its cells, the seed of cells that set none, and why a grid could not be read."""
 
-    Missing = the grid of `multirun.yaml` minus the cells that have a `result.json`. Without a
-    readable multirun.yaml only existing runs are listed (`grid_error` says why)."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
-    status = SweepStatus(sweep_dir=sweep_dir)
-    default_seed: Any = None
-    grid: list[list[str]] | None = None
-    launchers: list[tuple[str | None, set[Any]]] = []  # (relaunch command, cell keys) per launcher
-    errors = []
+    jobs: list[list[str]] | None = None
+    launchers: list[tuple[str | None, set[Any]]] = field(default_factory=list)
+    default_seed: Any = 0
+    error: str | None = None
+
+
+def _read_grids(sweep_dir: Path) -> _Grids:
+    out, default_seed, errors = _Grids(), None, []
     for path in grid_files(sweep_dir):
         try:
             cfg = OmegaConf.load(path)
@@ -277,52 +277,65 @@ def sweep_status(sweep_dir: str | Path) -> SweepStatus:
         except Exception as exc:
             errors.append(f"cannot rebuild the grid from {path}: {type(exc).__name__}: {exc}")
             continue
-        grid = grid or []
-        known = {cell_key(job, default_seed) for job in grid}
-        grid += [job for job in jobs if cell_key(job, default_seed) not in known]
-        launchers.append((relaunch_command(cfg), {cell_key(job, default_seed) for job in jobs}))
-    default_seed = 0 if default_seed is None else default_seed
-    if grid is not None:
-        status.grid_size = len({cell_key(job, default_seed) for job in grid})
+        out.jobs = out.jobs or []
+        known = {cell_key(job, default_seed) for job in out.jobs}
+        out.jobs += [job for job in jobs if cell_key(job, default_seed) not in known]
+        out.launchers.append((relaunch_command(cfg), {cell_key(job, default_seed) for job in jobs}))
+    out.default_seed = 0 if default_seed is None else default_seed
     if errors:
-        status.grid_error = "; ".join(errors)
-    elif grid is None:
-        status.grid_error = f"no multirun.yaml in {sweep_dir}"
+        out.error = "; ".join(errors)
+    elif out.jobs is None:
+        out.error = f"no multirun.yaml in {sweep_dir}"
+    return out
 
+
+def _cell_of_run(run: tuple[Path, dict[str, Any] | None, list[str] | None], job: list[str] | None,
+                 expected: bool, default_seed: Any) -> Cell:
+    """The cell of an existing run directory (its status: the record's, or interrupted when no live
+    process holds its lock)."""
+    run_dir, record, overrides = run
+    ovs = job or overrides or [*(record or {}).get("overrides", []),
+                               f"seed={(record or {}).get('index', {}).get('seed', default_seed)}"]
+    if record is None:
+        return Cell(list(ovs), run_dir, "missing", None, expected)
+    st = record.get("status", "running")
+    st = st if st in STATUSES else "running"
+    if st == "running" and not is_live(read_lock(run_dir)):
+        st = "interrupted"  # killed: no process holds its lock; a relaunch resumes it
+    return Cell(list(ovs), run_dir, st, record.get("error"), expected, record.get("cell_id"))
+
+
+def sweep_status(sweep_dir: str | Path) -> SweepStatus:
+    """Completed / failed / running / missing cells of a sweep directory.
+
+    Missing = the grid of `multirun.yaml` minus the cells that have a `result.json`. Without a
+    readable multirun.yaml only existing runs are listed (`grid_error` says why)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    grids = _read_grids(sweep_dir)
+    seed0 = grids.default_seed
+    status = SweepStatus(sweep_dir=sweep_dir, grid_error=grids.error)
+    if grids.jobs is not None:
+        status.grid_size = len({cell_key(job, seed0) for job in grids.jobs})
     runs: dict[Any, tuple[Path, dict[str, Any] | None, list[str] | None]] = {}
     for run_dir, record, overrides in _existing_runs(sweep_dir):
-        key = _run_key(record, overrides, default_seed)
+        key = _run_key(record, overrides, seed0)
         if key is not None:
             runs[key] = (run_dir, record, overrides)
-
-    def cell_from(run: tuple[Path, dict[str, Any] | None, list[str] | None], job: list[str] | None,
-                  expected: bool) -> Cell:
-        run_dir, record, overrides = run
-        ovs = job or overrides or [*(record or {}).get("overrides", []),
-                                   f"seed={(record or {}).get('index', {}).get('seed', default_seed)}"]
-        if record is None:
-            return Cell(list(ovs), run_dir, "missing", None, expected)
-        st = record.get("status", "running")
-        st = st if st in STATUSES else "running"
-        if st == "running" and not is_live(read_lock(run_dir)):
-            st = "interrupted"  # killed: no process holds its lock; a relaunch resumes it
-        return Cell(list(ovs), run_dir, st, record.get("error"), expected, record.get("cell_id"))
-
     seen = set()
-    for job in grid or []:
-        key = cell_key(job, default_seed)
+    for job in grids.jobs or []:
+        key = cell_key(job, seed0)
         seen.add(key)
         if key in runs:
-            status.cells.append(cell_from(runs[key], job, True))
+            status.cells.append(_cell_of_run(runs[key], job, True, seed0))
         else:
-            run_dir = sweep_dir / run_dirname(job) / f"seed={key[1]}"
-            status.cells.append(Cell(list(job), run_dir, "missing"))
-    for key, run in runs.items():
-        if key not in seen:
-            status.cells.append(cell_from(run, None, grid is None))
+            status.cells.append(Cell(list(job), sweep_dir / run_dirname(job) / f"seed={key[1]}", "missing"))
+    status.cells += [_cell_of_run(run, None, grids.jobs is None, seed0) for key, run in runs.items() if key not in seen]
     _merge_same_cells(status)
-    rerun = {cell_key(c.overrides, default_seed) for c in status.to_rerun}
-    commands = [cmd for cmd, keys in launchers if cmd and keys & rerun] or [cmd for cmd, _ in launchers if cmd]
+    rerun = {cell_key(c.overrides, seed0) for c in status.to_rerun}
+    commands = ([cmd for cmd, keys in grids.launchers if cmd and keys & rerun]
+                or [cmd for cmd, _ in grids.launchers if cmd])
     status.relaunch = "\n".join(dict.fromkeys(commands)) or None
     return status
 
