@@ -202,4 +202,4 @@ def train_loop(ctx: Any, opt: torch.optim.Optimizer, *, epochs: float, batch_siz
                on_epoch_start=milestone_decay(opt, lr_milestones, lr_gamma), log=log,
                evaluate=ctx.evaluate if log is not None else None, extra=extra,
                checkpoint=getattr(ctx, "checkpoint", None) if resumable else None, stateful=(ctx.model,),
-               progress=ctx.progress)
+               progress=ctx.progress, bars="steps")

@@ -167,7 +167,8 @@ def fit(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, device
         on_epoch_start: Callable[[int], None] | None = None,
         log: Callable[[dict[str, Any]], None] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
         extra: Callable[[], dict[str, Any]] | None = None, checkpoint: LoopCheckpoint | None = None,
-        stateful: Sequence[Any] = (), progress: bool = False, desc: str | None = None) -> dict[str, float]:
+        stateful: Sequence[Any] = (), progress: bool = False, desc: str | None = None,
+        bars: str = "epoch") -> dict[str, float]:
     """The training loop of every phase (dense training, fine-tuning, gradual pruning, the
     train-time methods); returns the last epoch's mean training loss (of `loss_fn`, e.g. the
     smoothed cross-entropy that is optimised) and accuracy. Options:
@@ -184,7 +185,14 @@ def fit(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, device
                       **evaluate()}
       checkpoint      resume after the last saved epoch, and save after each whole epoch the
                       optimizer, `scheduler`, `stateful` objects, data order and noise streams
-      progress        a bar over the steps (desc: `desc` or `phase`)
+      progress, bars  "epoch": a bar per epoch over the loader; "steps": one bar over all steps
+                      (desc: `desc` or `phase`)
+
+    Data order: with bars="epoch" each epoch iterates the loader wrapped in `tqdm.auto.tqdm`,
+    whose constructor opens (and drops) one iterator of the loader, drawing once from the loader's
+    generator; that draw has always been part of the data order of dense training, fine-tuning and
+    gradual pruning (and so of the cached dense models), while the train-time methods' loops
+    (bars="steps") iterate the loader directly. Both are kept so results stay bit-identical.
     """
     steps_per_epoch = len(loader)
     total = int(math.ceil(epochs * steps_per_epoch))
@@ -192,8 +200,9 @@ def fit(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, device
     saved = (opt, *([scheduler] if scheduler is not None else []), *stateful, _LoopState(gens, stats))
     start = checkpoint.resume(phase, loader, *saved) if checkpoint is not None else 0
     step = min(start * steps_per_epoch, total)
-    bar = tqdm(total=total, initial=step, desc=desc or phase, leave=False, disable=not progress)
-    for epoch in range(start, int(math.ceil(epochs))):
+    n_epochs = int(math.ceil(epochs))
+    bar = tqdm(total=total, initial=step, desc=desc or phase, leave=False, disable=not progress or bars != "steps")
+    for epoch in range(start, n_epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         m = mask() if callable(mask) else mask
@@ -202,7 +211,9 @@ def fit(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, device
         lr = float(opt.param_groups[0]["lr"])
         model.train()
         loss_sum, correct, n = 0.0, 0, 0
-        for x, y in loader:
+        batches = loader if bars == "steps" else tqdm(loader, desc=f"{desc or phase} {epoch + 1}/{n_epochs}",
+                                                      leave=False, disable=not progress)
+        for x, y in batches:
             if step >= total:
                 break
             x, y = x.to(device), y.to(device)
