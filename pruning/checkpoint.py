@@ -6,18 +6,20 @@ A run passes named boundaries in a fixed order:
   prune/<t>                     multistage: pruning stage t done (G, mask, weights)
   <phase>/<epoch>               one epoch of a training loop done: `stage<t>_finetune`, `gradual`,
                                 `finetune` (optimizer, data-order generator included)
+  method/<phase>/<n>            a train-time method's loop: an epoch (grda, sdprun) or a layer (gfs)
   prune, finetune               the whole stage done
 
 After each one `StageCheckpoint.save` writes everything needed to continue from there, atomically
-(temp file, fsync, rename): model weights, mask, step counter, the run record's metrics, stages
-and timings, the size of `metrics.jsonl`, the RNG states and the state of the training loop in
+(temp file, fsync, rename): the run's state as a whole (`RunState.state_dict()`: model weights,
+mask, step counter, global RNG states, the noise model's running state), the run record's
+metrics, stages and timings, the size of `metrics.jsonl` and the state of the training loop in
 progress. A requeued Slurm job (submitit calls the launcher's `checkpoint()`, which resubmits the
 same Hydra job, so it re-enters the task in the same run directory) finds the file, skips the
 passed boundaries and continues; the final result equals an uninterrupted run with the same seed
 in deterministic mode. G itself is not stored here: with `calibration.cache: true` (the default)
 a resumed pruning step reads G from the gradient cache instead of recomputing it.
 
-`resume: true` semantics: completed -> skip (in `Job.run`); running or failed with a state ->
+`resume: true` semantics: completed -> skip (in `pruning.task.Job.start`); running or failed with a state ->
 resume; no state, `resume: false`, or a state saved for a different configuration -> from the start.
 The directory is removed when the run completes.
 

@@ -25,7 +25,7 @@ from pruning.seeds import derive_seed
 from pruning.train import fit, loop_parts, smoothed_loss, train_config
 
 if TYPE_CHECKING:
-    from pruning.task import Job
+    from pruning.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _DATA_KEYS_NOT_IN_DENSE = calibrate.DATA_KEYS_NOT_IN_EXAMPLES
 
 
-def setup(job: Job) -> None:
+def setup(job: RunContext) -> None:
     """Fill `job.state`: device, data (bound to the noise model), model, layout, dense weights,
     the all-True mask."""
     cfg, st = job.cfg, job.state
@@ -92,7 +92,7 @@ def cache_path(cfg: Any) -> Path:
     return Path(cfg.paths.cache_dir) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{key}.pt"
 
 
-def train_dense(job: Job, model: Classifier) -> None:
+def train_dense(job: RunContext, model: Classifier) -> None:
     """Train with the model's recipe, or reuse the cached result of the same recipe (only when
     it matches the sha256 written with it; otherwise it is retrained and replaced)."""
     cfg, st = job.cfg, job.state
@@ -123,7 +123,7 @@ def train_dense(job: Job, model: Classifier) -> None:
     job.say(f"dense model cached at {cache}")
 
 
-def save_checkpoint(job: Job, dense: dict[str, float]) -> None:
+def save_checkpoint(job: RunContext, dense: dict[str, float]) -> None:
     """task=train: the dense model's state dict in the run directory, with its test metrics."""
     path = job.run_dir / "checkpoint.pt"
     atomic_torch_save(job.state.model.state_dict(), path)

@@ -12,16 +12,16 @@ from pruning.layout import sparsity_stats
 from pruning.seeds import generator
 
 if TYPE_CHECKING:
-    from pruning.task import Job
+    from pruning.context import RunContext
 
 
-def dense_eval(job: Job) -> None:
+def dense_eval(job: RunContext) -> None:
     dense = job.evaluate()
     job.record.update_metrics(dense_acc=dense["acc"], dense_loss=dense["loss"])
     job.log({"phase": "dense", **dense})
 
 
-def pruned_eval(job: Job, target: float) -> None:
+def pruned_eval(job: RunContext, target: float) -> None:
     """Test metrics and sparsity right after pruning; a run that misses its target stops here."""
     st = job.state
     stats = sparsity_stats(st.model, st.layout)
@@ -47,7 +47,7 @@ def check_sparsity(method: str, target: float, stats: dict[str, Any], num_tensor
                             f"{stats['nnz_prunable']}/{numel} prunable weights are non-zero")
 
 
-def final_eval(job: Job) -> None:
+def final_eval(job: RunContext) -> None:
     """Final test metrics and sparsity, plus the noise model's evaluation (e.g. analog draws)."""
     cfg, st = job.cfg, job.state
     final = job.evaluate()
@@ -58,7 +58,7 @@ def final_eval(job: Job) -> None:
     job.log({"phase": "final", **final, **stats})
 
 
-def summary(job: Job) -> str:
+def summary(job: RunContext) -> str:
     """The closing console lines: run directory, device, cell, sparsity, accuracy, loss, timings,
     model file and record."""
     data = job.record.data

@@ -20,7 +20,7 @@ from pruning.seeds import derive_seed, generator
 from pruning.train import TrainConfig, fit, loop_parts, smoothed_loss, train_config
 
 if TYPE_CHECKING:
-    from pruning.task import Job
+    from pruning.context import RunContext
 
 
 def recipe(cfg: Any, params: Mapping[str, Any], epochs: int, key: str) -> TrainConfig:
@@ -35,7 +35,7 @@ def final_recipe(cfg: Any) -> TrainConfig | None:
     return recipe(cfg, OmegaConf.to_container(cfg.finetune, resolve=True), epochs, "finetune") if epochs > 0 else None
 
 
-def run(job: Job) -> None:
+def run(job: RunContext) -> None:
     """The finetune stage: masked training with the finetune group, then the fine-tuned metrics."""
     tc = final_recipe(job.cfg)
     if tc is None:
@@ -46,7 +46,7 @@ def run(job: Job) -> None:
     job.record.update_metrics(finetuned_acc=ft["acc"], finetuned_loss=ft["loss"])
 
 
-def train_masked(job: Job, tc: TrainConfig, stream: str, phase: str,
+def train_masked(job: RunContext, tc: TrainConfig, stream: str, phase: str,
                  on_epoch_start: Callable[[int], None] | None = None) -> None:
     """Train the state's model with `tc`, pruned weights held at zero (the state's current mask,
     read every epoch), data order from the named stream `stream`; one logged row and one saved

@@ -135,7 +135,7 @@ def masked_step(opt: torch.optim.Optimizer, model: nn.Module, layout: ParamLayou
 
 class LoopCheckpoint(Protocol):
     """Where a training loop saves its state after each whole epoch and resumes from it
-    (`pruning.task.LoopCheckpoint`, or a train-time method's `TrainContext.checkpoint`)."""
+    (`pruning.checkpoint.LoopCheckpoint`, also a train-time method's `TrainContext.checkpoint`)."""
 
     def resume(self, phase: str, loader: Any, *stateful: Any) -> int: ...
 

@@ -102,7 +102,9 @@ def no_data(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("data was loaded before the config was validated")
 
-    monkeypatch.setattr(task_mod, "build_dataset", forbidden)
+    import pruning.dense
+
+    monkeypatch.setattr(pruning.dense, "build_dataset", forbidden)
 
 
 @pytest.mark.parametrize(("overrides", "key", "words"), [

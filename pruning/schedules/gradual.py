@@ -23,7 +23,7 @@ from pruning.schedules.step import cubic_sparsity, timed_step
 from pruning.train import TrainConfig, train_config
 
 if TYPE_CHECKING:
-    from pruning.task import Job
+    from pruning.context import RunContext
 
 
 def validate(cfg: Any) -> None:
@@ -47,7 +47,7 @@ def recipe(cfg: Any) -> TrainConfig:
                          "noise_hooks": sched.get("noise_hooks", False)}, "schedule")
 
 
-def run(job: Job, target: float) -> None:
+def run(job: RunContext, target: float) -> None:
     sched = job.cfg.schedule
     prune_epochs = list(range(int(sched.start), int(sched.end) + 1, int(sched.freq)))
 

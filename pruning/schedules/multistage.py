@@ -25,7 +25,7 @@ from pruning.schedules.step import cubic_sparsity, timed_step
 from pruning.train import TrainConfig
 
 if TYPE_CHECKING:
-    from pruning.task import Job
+    from pruning.context import RunContext
 
 
 def _is_int(v: Any) -> bool:
@@ -56,7 +56,7 @@ def stage_recipe(cfg: Any) -> TrainConfig | None:
     return finetune.recipe(cfg, params, epochs, "schedule.stage_finetune" if own else "finetune")
 
 
-def run(job: Job, target: float) -> None:
+def run(job: RunContext, target: float) -> None:
     sched, st = job.cfg.schedule, job.state
     T, s0 = int(sched.stages), float(sched.get("initial_sparsity", 0.0))
     tc = stage_recipe(job.cfg)

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 from pruning.schedules.step import timed_step
 
 if TYPE_CHECKING:
-    from pruning.task import Job
+    from pruning.context import RunContext
 
 
 def validate(cfg: Any) -> None:
     """No keys besides `name`."""
 
 
-def run(job: Job, target: float) -> None:
+def run(job: RunContext, target: float) -> None:
     timed_step(job, target, 1, 1, job.state.w_dense)

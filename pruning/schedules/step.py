@@ -14,7 +14,7 @@ from pruning.methods.base import PruneResult, PruningProblem
 from pruning.seeds import generator
 
 if TYPE_CHECKING:
-    from pruning.task import Job
+    from pruning.context import RunContext
 
 
 def cubic_sparsity(t: int, t0: int, t_end: int, s_init: float, s_final: float) -> float:
@@ -26,7 +26,7 @@ def cubic_sparsity(t: int, t0: int, t_end: int, s_init: float, s_final: float) -
     return s_final + (s_init - s_final) * (1.0 - frac) ** 3
 
 
-def prune_step(job: Job, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor) -> PruneResult:
+def prune_step(job: RunContext, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor) -> PruneResult:
     """Prune the state's model to `sparsity` with the run's method (G at the current weights when
     the method needs it), anchored at `w_bar`; the new weights and mask go into the state."""
     st, name = job.state, job.cfg.method.name
@@ -41,14 +41,14 @@ def prune_step(job: Job, sparsity: float, stage: int, num_stages: int, w_bar: to
     return result
 
 
-def timed_step(job: Job, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor, **extra: Any) -> None:
+def timed_step(job: RunContext, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor, **extra: Any) -> None:
     """`prune_step`, then its stage row with the seconds it took."""
     t0 = time.perf_counter()
     result = prune_step(job, sparsity, stage, num_stages, w_bar)
     record_stage(job, stage, sparsity, result, time.perf_counter() - t0, **extra)
 
 
-def record_stage(job: Job, stage: int, target: float, result: PruneResult | None, seconds: float,
+def record_stage(job: RunContext, stage: int, target: float, result: PruneResult | None, seconds: float,
                  **extra: Any) -> None:
     """The stage row (target and achieved sparsity, test accuracy and loss, the method's scalar
     info) in the record and the metrics stream, and its console line."""

@@ -27,14 +27,14 @@ from pruning.schedules.step import record_stage
 from pruning.seeds import generator
 
 if TYPE_CHECKING:
-    from pruning.task import Job
+    from pruning.context import RunContext
 
 
 def validate(cfg: Any) -> None:
     """The method's keys are its Config's (validated with the method)."""
 
 
-def run(job: Job, target: float) -> None:
+def run(job: RunContext, target: float) -> None:
     st = job.state
     ctx = TrainContext(model=st.model, layout=st.layout, data=st.data, device=st.device, sparsity=target,
                        generator=generator(int(job.cfg.seed), "method/1"), noise=st.noise, progress=job.progress,
