@@ -15,21 +15,20 @@ The threshold is accumulated step by step with the learning rate of that step, s
 rate change moves the threshold consistently (the reference `grda_pytorch.py` does the same).
 With c = 0 every iterate equals plain SGD without momentum or weight decay (w_n = a_n).
 
-`noisy_backward` is one forward/backward pass under the run's noise model; see its docstring
-for how the hooks of `pruning.noise` apply to training.
+`train_loop` runs a train-time method's training through the one loop, `pruning.train.fit`,
+whose step (`pruning.train.noisy_backward`) applies the hooks of `pruning.noise` to training.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pruning.layout import ParamLayout, get_params
+from pruning.train import fit, make_loader
 
 PENALTIES = ("l1", "none")
 
@@ -146,47 +145,6 @@ class GRDA(torch.optim.Optimizer):
             p.copy_(a * factor.view(shape))
 
 
-def noisy_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: Any, layout: ParamLayout,
-                   mask: torch.Tensor | None, gens: dict[str, torch.Generator] | None,
-                   loss_fn: Any = F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the gradients, then one forward/backward on (x, y) under the noise model's hooks.
-
-    The hooks that `pruning.task` applies when computing G apply here to each training step
-    (`gens` is None: no noise):
-      calibration_inputs   perturbs the mini-batch inputs (e.g. adversarial training inputs)
-      calibration_weights  perturbs the weights for this forward/backward only (noise-aware
-                           training, e.g. analog programming noise), restored after
-      gradients            perturbs the mini-batch gradient of the prunable tensors, passed as
-                           one row of G (1 x p), e.g. SWAP's entry noise
-    Returns (loss, logits).
-    """
-    active = gens is not None and noise is not None and getattr(noise, "kind", "none") != "none"
-    if active:
-        x = noise.calibration_inputs(model, x, y, gens["inputs"])
-    for p in model.parameters():
-        p.grad = None
-    if active:
-        m = mask if mask is not None else torch.ones(layout.numel, dtype=torch.bool, device=x.device)
-        with noise.calibration_weights(model, layout, m, gens["weights"]):
-            out = model(x)
-            loss = loss_fn(out, y)
-            loss.backward()
-        params = get_params(model, layout)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        noisy = noise.gradients(flat.unsqueeze(0).clone(), gens["gradients"]).reshape(-1)
-        offset = 0
-        for p in params:
-            k = p.numel()
-            if p.grad is not None:
-                p.grad.copy_(noisy[offset:offset + k].view_as(p))
-            offset += k
-    else:
-        out = model(x)
-        loss = loss_fn(out, y)
-        loss.backward()
-    return loss.detach(), out.detach()
-
-
 def stream_generators(gen: torch.Generator) -> dict[str, torch.Generator]:
     """Independent generators for the noise hooks and the method's own draws, seeded from `gen`."""
     out = {}
@@ -208,82 +166,40 @@ def load_generators_state(gens: dict[str, torch.Generator], states: dict[str, to
         gens[k].set_state(st)
 
 
-class _LoopState:
-    """The parts of a `train_loop` that a resumed attempt needs besides the optimizer and the
-    model: the stream generators (noise draws continue where they stopped) and the last stats."""
+def milestone_decay(opt: torch.optim.Optimizer, milestones: Sequence[int], gamma: float) -> Callable[[int], None]:
+    """An epoch-start hook for `pruning.train.fit`: at each epoch listed in `milestones` every
+    param group's lr is multiplied by `gamma` (the lr itself is saved with the optimizer)."""
+    at = {int(m) for m in milestones}
 
-    def __init__(self, gens: dict[str, torch.Generator], stats: dict[str, float]):
-        self.gens, self.stats = gens, stats
+    def hook(epoch: int) -> None:
+        if epoch in at:
+            for pg in opt.param_groups:
+                pg["lr"] = float(pg["lr"]) * gamma
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"gens": generators_state(self.gens), "stats": dict(self.stats)}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        load_generators_state(self.gens, sd["gens"])
-        self.stats.update(sd["stats"])
+    return hook
 
 
 def train_loop(ctx: Any, opt: torch.optim.Optimizer, *, epochs: float, batch_size: int, phase: str,
                gens: dict[str, torch.Generator], noise_hooks: bool = True, lr_milestones: Sequence[int] = (),
                lr_gamma: float = 0.1, mask: torch.Tensor | None = None, log_every_epoch: bool = True,
                extra: Any = None, resumable: bool = False) -> dict[str, float]:
-    """Train `ctx.model` with `opt` on `ctx.data.train` for `epochs` (a fraction runs that share
-    of one epoch's steps), under the noise hooks (`noisy_backward`). At each epoch listed in
-    `lr_milestones` every param group's lr is multiplied by `lr_gamma`. `mask` (over ctx.layout)
-    keeps pruned prunable weights at zero. Logs one row per epoch (with ctx.evaluate()) and
-    returns the last epoch's mean training loss and accuracy. `extra()` adds fields to each row.
+    """`pruning.train.fit` for a train-time method: train `ctx.model` with `opt` on
+    `ctx.data.train` for `epochs` (a fraction runs that share of one epoch's steps), under the
+    noise hooks unless `noise_hooks=False`. At each epoch listed in `lr_milestones` every param
+    group's lr is multiplied by `lr_gamma`. `mask` (over ctx.layout) keeps pruned prunable weights
+    at zero. Logs one row per epoch (with ctx.evaluate(), `extra()` fields) and returns the last
+    epoch's mean training loss and accuracy. The data order is drawn from `gens["method"]`.
 
     `resumable=True` (a loop that is the whole of a long method, e.g. gRDA's 600 epochs) saves the
     loop's state after every whole epoch through `ctx.checkpoint` (when the task provides one):
     model, optimizer, data order, stream generators. An attempt restarted after preemption picks
     up after the last saved epoch and ends where an uninterrupted run would.
     """
-    from tqdm.auto import tqdm
-
-    from pruning.train import make_loader, masked_step
-
-    model = ctx.model
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=gens["method"]).item())
-    loader = make_loader(ctx.data.train, batch_size, seed)
-    steps_per_epoch = len(loader)
-    total = int(math.ceil(epochs * steps_per_epoch))
-    n_epochs = int(math.ceil(epochs))
-    masks = ctx.layout.unflatten(mask.to(ctx.device)) if mask is not None else None
-    params = get_params(model, ctx.layout) if masks is not None else None
-    milestones = {int(m) for m in lr_milestones}
-    stats = {"train_loss": float("nan"), "train_acc": float("nan")}
-    ckpt = getattr(ctx, "checkpoint", None) if resumable else None
-    stateful = (opt, model, _LoopState(gens, stats))
-    start = ckpt.resume(phase, loader, *stateful) if ckpt is not None else 0
-    step = min(start * steps_per_epoch, total)
-    model.train()
-    bar = tqdm(total=total, initial=step, desc=phase, leave=False, disable=not ctx.progress)
-    for epoch in range(start, n_epochs):
-        if epoch in milestones:
-            for pg in opt.param_groups:
-                pg["lr"] = float(pg["lr"]) * lr_gamma
-        loss_sum, correct, n = 0.0, 0, 0
-        for x, y in loader:
-            if step >= total:
-                break
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            loss, out = noisy_backward(model, x, y, ctx.noise, ctx.layout, mask, gens if noise_hooks else None)
-            masked_step(opt, model, ctx.layout, mask, params, masks)
-            loss_sum += float(loss) * y.numel()
-            correct += int((out.argmax(1) == y).sum())
-            n += y.numel()
-            step += 1
-            bar.update(1)
-        stats.update(train_loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1))
-        if log_every_epoch and ctx.log is not None:
-            row = {"phase": phase, "epoch": epoch + 1, **stats, "lr": float(opt.param_groups[0]["lr"])}
-            if extra is not None:
-                row.update(extra())
-            if ctx.evaluate is not None:
-                row.update(ctx.evaluate())
-            ctx.log(row)
-            model.train()
-        if ckpt is not None and (epoch + 1) * steps_per_epoch <= total:
-            ckpt.save(phase, epoch + 1, loader, *stateful)
-    bar.close()
-    return dict(stats)
+    log = ctx.log if log_every_epoch else None
+    return fit(ctx.model, make_loader(ctx.data.train, batch_size, seed), opt, ctx.device, epochs=epochs,
+               phase=phase, layout=ctx.layout, mask=mask, noise=ctx.noise if noise_hooks else None, gens=gens,
+               on_epoch_start=milestone_decay(opt, lr_milestones, lr_gamma), log=log,
+               evaluate=ctx.evaluate if log is not None else None, extra=extra,
+               checkpoint=getattr(ctx, "checkpoint", None) if resumable else None, stateful=(ctx.model,),
+               progress=ctx.progress, bars="steps")

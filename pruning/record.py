@@ -315,9 +315,13 @@ class RunRecord:
         self.data["finished_at"] = time.time()
         self.save()
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, error_type: str | None = None) -> None:
+        """Mark the run failed with a one-line `error`; `error_type` ("config" or the exception's
+        class name) lets reports group failures."""
         self.data["status"] = "failed"
         self.data["error"] = error
+        if error_type is not None:
+            self.data["error_type"] = error_type
         self.data["finished_at"] = time.time()
         self.save_anyhow()
 
@@ -350,13 +354,75 @@ class RunRecord:
         print(f"warning: {message}", flush=True)
         self.data.setdefault("warnings", []).append(message)
 
+    def adopt(self, data: Mapping[str, Any]) -> None:
+        """Take over a record read from disk (a completed run that is skipped)."""
+        self.data = dict(data)
+
     # ---------------------------------------------------------------- content
+    @property
+    def run_id(self) -> str:
+        return str(self.data["run_id"])
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        """The recorded pruning stages (read-only use; add rows with `add_stage`)."""
+        return self.data["stages"]
+
+    def set_index(self, index: Mapping[str, Any]) -> None:
+        """The flat grouping keys (`INDEX_KEYS`) once the configuration is validated."""
+        self.data["index"] = dict(index)
+
+    def set_noise(self, params: Mapping[str, Any]) -> None:
+        """The parameters of the run's noise model (`NoiseModel.record()`)."""
+        self.data["noise"] = dict(params)
+
+    def set_ids(self, **ids: str) -> None:
+        """Identities of this attempt: `cell_id` (what is computed), `wandb_id` (its dashboard run)."""
+        unknown = set(ids) - {"cell_id", "wandb_id"}
+        if unknown:
+            raise KeyError(f"not a record id: {sorted(unknown)}")
+        self.data.update(ids)
+
+    def set_env(self, **fields: Any) -> None:
+        """Add to `env` (set by `start`): e.g. the device the run picked, torch's thread count."""
+        self.data["env"].update(fields)
+
+    def set_resumed_from(self, boundary: str | None) -> None:
+        """The stage boundary a resumed attempt continues after (`pruning.checkpoint`)."""
+        self.data["resumed_from"] = boundary
+
+    def set_model_file(self, entry: Mapping[str, Any]) -> None:
+        """The saved model file (`pruning.artifacts.save_pruned`: path, digest), and save."""
+        self.data["model_file"] = dict(entry)
+        self.save()
+
     def update_metrics(self, **metrics: Any) -> None:
         self.data["metrics"].update(metrics)
 
     def add_stage(self, stage: Mapping[str, Any]) -> None:
         """Record a pruning stage in result.json (the task also streams it as a metrics row)."""
         self.data["stages"].append(dict(stage))
+
+    def annotate_stage(self, stage: int, **fields: Any) -> None:
+        """Add fields to the recorded row of pruning stage `stage` (e.g. the accuracy after the
+        stage's fine-tuning, known only once that fine-tuning ran), and save."""
+        for row in self.data["stages"]:
+            if row.get("stage") == stage:
+                row.update(fields)
+        self.save()
+
+    def resumable(self) -> dict[str, Any]:
+        """What a stage checkpoint keeps of the record: metrics, stages, timings, warnings."""
+        return {"metrics": self.data["metrics"], "stages": self.data["stages"], "timings": self.data["timings"],
+                "warnings": self.data.get("warnings", [])}
+
+    def resume(self, saved: Mapping[str, Any]) -> None:
+        """Continue from `resumable()` as saved by an earlier attempt: its metrics and stages, its
+        timings under this attempt's (e.g. this setup), its warnings before this attempt's."""
+        self.data["metrics"] = dict(saved["metrics"])
+        self.data["stages"] = list(saved["stages"])
+        self.data["timings"] = {**saved["timings"], **self.data["timings"]}
+        self.data["warnings"] = [*saved.get("warnings", []), *self.data.get("warnings", [])]
 
     def set_timing(self, name: str, seconds: float) -> None:
         self.data["timings"][name] = round(float(seconds), 4)

@@ -40,9 +40,9 @@ def test_relaunch_skips_completed(make_cfg, tmp_path, capsys):
 
 
 def test_dense_cache_ignores_keys_that_cannot_change_the_dense_model(make_cfg, tmp_path):
-    from pruning.task import Job
+    from pruning.dense import cache_path
 
-    path = Job(make_cfg(), tmp_path / "a").dense_cache_path()
-    assert Job(make_cfg("dataset.batch_size=32"), tmp_path / "b").dense_cache_path() == path
-    assert Job(make_cfg("model.train.epochs=3"), tmp_path / "c").dense_cache_path() != path
-    assert Job(make_cfg("dataset.test_fraction=0.3"), tmp_path / "d").dense_cache_path() != path
+    path = cache_path(make_cfg())
+    assert cache_path(make_cfg("dataset.batch_size=32")) == path
+    assert cache_path(make_cfg("model.train.epochs=3")) != path
+    assert cache_path(make_cfg("dataset.test_fraction=0.3")) != path

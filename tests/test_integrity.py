@@ -32,7 +32,8 @@ from omegaconf import DictConfig, open_dict
 from pruning import record as record_mod
 from pruning.checkpoint import StageCheckpoint
 from pruning.report import main as report_main
-from pruning.task import Job, run
+from pruning.state import RunState
+from pruning.task import run
 
 # a one-shot WoodFisher job: it reads the dense cache and computes G through the gradient cache
 WF = ("method=woodfisher", "deterministic=true")
@@ -274,8 +275,8 @@ def _interrupted_state(cfg: DictConfig, run_dir: Path, boundary: str, monkeypatc
     """Run until the state after `boundary` is saved, then stop like a preempted Slurm job."""
     save = StageCheckpoint.save
 
-    def save_then_exit(self: StageCheckpoint, job: Job, key: str, *args: Any) -> None:
-        save(self, job, key, *args)
+    def save_then_exit(self: StageCheckpoint, state: RunState, key: str, *args: Any) -> None:
+        save(self, state, key, *args)
         if key == boundary:
             raise SystemExit(-1)
 
@@ -378,10 +379,10 @@ def test_disk_full_leaves_failed(where: str, cache: Path, tmp_path: Path, monkey
     disk = _FullDisk()
     save = StageCheckpoint.save
 
-    def fill_then_save(self: StageCheckpoint, job: Job, key: str, *args: Any) -> None:
+    def fill_then_save(self: StageCheckpoint, state: RunState, key: str, *args: Any) -> None:
         if key == "prune":  # the disk fills up after pruning
             disk.full = True
-        save(self, job, key, *args)
+        save(self, state, key, *args)
 
     if where == "stage-state":
         import pruning.checkpoint as ckpt_mod

@@ -26,10 +26,10 @@ def _gen(seed: int) -> torch.Generator:
 def trained(make_cfg, tmp_path):
     """(model, x, y): the trained digits MLP (session-cached) and 256 test examples."""
     job = Job(make_cfg(), tmp_path / "job")
-    job.noise = build({"kind": "none"})
+    job.state.noise = build({"kind": "none"})
     job.setup()
-    xs, ys = zip(*[job.data.test[i] for i in range(256)])
-    return job.model, torch.stack(xs), torch.stack(ys)
+    xs, ys = zip(*[job.state.data.test[i] for i in range(256)])
+    return job.state.model, torch.stack(xs), torch.stack(ys)
 
 
 def _loss(model, x, y) -> float:

@@ -193,32 +193,32 @@ def test_paired_draws_and_global_rng_untouched():
 
 def _job(make_cfg, tmp_path, *overrides):
     job = Job(make_cfg(*overrides), tmp_path / "job")
-    job.noise = build(job.cfg.noise)
+    job.state.noise = build(job.cfg.noise)
     job.setup()
     return job
 
 
 def test_calibration_weights_perturbs_inside_and_restores(make_cfg, tmp_path):
     job = _job(make_cfg, tmp_path, "noise=analog")
-    w0 = get_flat(job.model, job.layout)
+    w0 = get_flat(job.state.model, job.state.layout)
     mask = torch.rand(w0.shape, generator=_gen(0)) > 0.5
-    with job.noise.calibration_weights(job.model, job.layout, mask, _gen(15)):
-        inside = get_flat(job.model, job.layout)
-    assert torch.equal(get_flat(job.model, job.layout), w0)
+    with job.state.noise.calibration_weights(job.state.model, job.state.layout, mask, _gen(15)):
+        inside = get_flat(job.state.model, job.state.layout)
+    assert torch.equal(get_flat(job.state.model, job.state.layout), w0)
     assert (inside[~mask] == 0).all() and not torch.equal(inside[mask], w0[mask])
     rel = float((inside[mask] - w0[mask]).norm() / w0[mask].norm())
     assert 0.02 < rel < 0.3, rel
     # a weight at exactly zero counts as pruned even under an all-ones mask (gRDA's emergent sparsity)
     zeroed = w0.clone()
     zeroed[::3] = 0.0
-    set_flat(job.model, job.layout, zeroed)
-    with job.noise.calibration_weights(job.model, job.layout, torch.ones_like(mask), _gen(15)):
-        inside = get_flat(job.model, job.layout)
+    set_flat(job.state.model, job.state.layout, zeroed)
+    with job.state.noise.calibration_weights(job.state.model, job.state.layout, torch.ones_like(mask), _gen(15)):
+        inside = get_flat(job.state.model, job.state.layout)
     assert (inside[::3] == 0).all() and (inside[1::3] != 0).float().mean() > 0.95
-    set_flat(job.model, job.layout, w0)
+    set_flat(job.state.model, job.state.layout, w0)
     off = build({"kind": "analog", "apply_to": ["eval"]})
-    with off.calibration_weights(job.model, job.layout, mask, _gen(15)):
-        assert torch.equal(get_flat(job.model, job.layout), w0)
+    with off.calibration_weights(job.state.model, job.state.layout, mask, _gen(15)):
+        assert torch.equal(get_flat(job.state.model, job.state.layout), w0)
 
 
 def test_run_end_to_end_records_noise_and_flat_metrics(make_cfg, tmp_path):

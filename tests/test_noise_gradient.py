@@ -60,7 +60,7 @@ def test_noise_to_signal_power_matches_kappa2_p(kappa, p):
 def test_noise_power_on_real_per_sample_gradients(make_cfg, tmp_path):
     """G of the trained digits MLP: per-sample gradients are heavy-tailed and not zero-mean."""
     job = Job(make_cfg("calibration.num_samples=128", "calibration.cache=false"), tmp_path / "run")
-    job.noise = build({"kind": "none"})
+    job.state.noise = build({"kind": "none"})
     job.setup()
     G = job.gradient_matrix(1).dense().double()
     kappa, p = 2.0, 0.25

@@ -87,7 +87,7 @@ def test_same_seed_gives_every_method_the_same_calibration_noise(make_cfg, tmp_p
 
     def G(*overrides: str) -> torch.Tensor:
         job = Job(make_cfg(*common, *overrides, "seed=3"), tmp_path / "job")
-        job.noise = build(job.cfg.noise)
+        job.state.noise = build(job.cfg.noise)
         job.setup()
         return job.gradient_matrix(1).dense()
 

@@ -14,8 +14,9 @@ import torch
 
 from pruning import noise as noise_mod
 from pruning.checkpoint import StageCheckpoint, config_fingerprint
+from pruning.state import RunState
 from pruning.task import Job, run
-from pruning.train import make_loader, make_optimizer, train_config, train_epoch
+from pruning.train import fit, make_loader, make_optimizer, train_config
 
 
 @pytest.fixture(autouse=True)
@@ -51,10 +52,10 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, boundary: str) -> None:
     save, log = StageCheckpoint.save, Job.log
     armed = {"on": False}
 
-    def save_then_maybe_exit(self: StageCheckpoint, job: Job, key: str, *args: Any) -> None:
+    def save_then_maybe_exit(self: StageCheckpoint, state: RunState, key: str, *args: Any) -> None:
         if armed["on"]:
             raise SystemExit(-1)
-        save(self, job, key, *args)
+        save(self, state, key, *args)
         armed["on"] = armed["on"] or key == boundary
 
     def log_then_maybe_exit(self: Job, row: dict[str, Any]) -> None:
@@ -123,44 +124,46 @@ def test_state_round_trips(make_cfg: Callable[..., Any], tmp_path: Path) -> None
 
     def start(run_dir: Path) -> Job:
         job = Job(cfg, run_dir)
-        job.noise = noise_mod.build(cfg.noise)
+        job.state.noise = noise_mod.build(cfg.noise)
         run_dir.mkdir(parents=True, exist_ok=True)
-        job.ckpt.begin(job)
+        job.ckpt.begin(cfg, job.record, job.say)
         job.record.start()
         job.setup()
-        job.ckpt.restore(job)
+        job.ckpt.restore(job.state)
         return job
 
     run_dir = tmp_path / "run"
     job = start(run_dir)
+    st = job.state
     assert job.ckpt.state is None and not job.ckpt.passed("dense_eval")
     tc = train_config({"epochs": 1, "batch_size": 64, "lr": 0.05}, "finetune")
-    opt = make_optimizer(job.model, tc)
-    loader = make_loader(job.data.train, tc.batch_size, seed=3)
-    job.mask[::3] = False
-    train_epoch(job.model, loader, opt, job.device, job.layout, job.mask, progress=False)
+    opt = make_optimizer(st.model, tc)
+    loader = make_loader(st.data.train, tc.batch_size, seed=3)
+    st.mask[::3] = False
+    fit(st.model, loader, opt, st.device, epochs=1, phase="finetune", layout=st.layout, mask=st.mask)
     job.log({"phase": "finetune", "epoch": 1})
     job.record.update_metrics(dense_acc=0.5)
     job.record.add_stage({"stage": 1, "acc": 0.25})
     torch.manual_seed(1234)
-    job.ckpt.save(job, "dense_eval")
-    job.ckpt.save(job, "finetune/1", loader, opt)
+    job.ckpt.save(st, "dense_eval")
+    job.ckpt.save(st, "finetune/1", loader, opt)
     next_global = torch.rand(4)
     next_order = torch.randperm(10, generator=loader.generator)
     job.log({"phase": "finetune", "epoch": 2})  # after the boundary: dropped on resume
 
     job2 = start(run_dir)
+    st2 = job2.state
     assert job2.ckpt.boundaries == ["dense_eval", "finetune/1"] and job2.ckpt.passed("dense_eval")
     assert job2.record.data["resumed_from"] == "finetune/1"
-    assert job2.step == job.step - 1
-    assert torch.equal(job2.mask, job.mask)
-    for (k, a), b in zip(job.model.state_dict().items(), job2.model.state_dict().values()):
+    assert st2.step == st.step - 1
+    assert torch.equal(st2.mask, st.mask)
+    for (k, a), b in zip(st.model.state_dict().items(), st2.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert job2.record.data["metrics"]["dense_acc"] == 0.5
     assert job2.record.data["stages"] == [{"stage": 1, "acc": 0.25}]
     assert torch.equal(torch.rand(4), next_global)  # global RNG restored
-    opt2 = make_optimizer(job2.model, tc)
-    loader2 = make_loader(job2.data.train, tc.batch_size, seed=3)
+    opt2 = make_optimizer(st2.model, tc)
+    loader2 = make_loader(st2.data.train, tc.batch_size, seed=3)
     assert job2.ckpt.resume_loop("finetune", loader2, opt2) == 1
     assert job2.ckpt.resume_loop("gradual", loader2) == 0
     assert torch.equal(torch.randperm(10, generator=loader2.generator), next_order)

@@ -11,7 +11,8 @@ import torch
 
 from pruning.layout import num_kept
 from pruning.methods import lr, swap
-from pruning.task import cubic_sparsity, run
+from pruning.schedules.step import cubic_sparsity
+from pruning.task import run
 
 
 def test_cubic_schedule_values():

@@ -43,7 +43,8 @@ class TrainContext:
 
     `log(row)` appends a row to the run's metrics stream (and W&B when enabled); `evaluate()` gives
     test accuracy and loss of the current model. `checkpoint` (set by the task) lets a long
-    training loop save and resume its state at epoch boundaries (`pruning.optim.train_loop`).
+    training loop save and resume its state at epoch boundaries (`pruning.optim.train_loop`,
+    through `pruning.train.fit`).
     """
 
     model: torch.nn.Module
@@ -56,5 +57,5 @@ class TrainContext:
     progress: bool = True
     log: Any = None                      # Callable[[dict], None]
     evaluate: Any = None                 # Callable[[], dict[str, float]]
-    checkpoint: Any = None               # MethodCheckpoint-like: resume(phase, loader, *stateful) -> epoch,
-                                         # save(phase, epoch, loader, *stateful) (pruning.task)
+    checkpoint: Any = None               # pruning.train.LoopCheckpoint: resume(phase, loader, *stateful) -> epoch,
+                                         # save(phase, epoch, loader, *stateful) (pruning.checkpoint)

@@ -59,6 +59,7 @@ from pruning.methods.base import PruneResult, TrainContext
 from pruning.methods.grda import example_input
 from pruning.methods.sdprun import find_groups
 from pruning.optim import generators_state, load_generators_state, stream_generators, train_loop
+from pruning.train import evaluate
 
 KIND = "train"
 NEEDS_GRADIENTS = False
@@ -366,8 +367,8 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
             if scale is not None and cfg.layer_finetune_epochs > 0:
                 _finetune(ctx, cfg, cfg.layer_finetune_epochs, gens, f"gfs_layer_finetune {g.name}")
                 model.eval()
-                ft_loss, ft_top1 = _eval_masked(model, calib, eval_idx, cfg.batch_size, ctx.device)
-                row.update(finetuned_loss=ft_loss, finetuned_top1=ft_top1)
+                ft = evaluate(model, Subset(calib, eval_idx.tolist()), ctx.device, cfg.batch_size)
+                row.update(finetuned_loss=ft["loss"], finetuned_top1=ft["acc"])
             if ctx.log is not None:
                 ctx.log(row)
             if ckpt is not None:
@@ -399,19 +400,6 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
     info.update(report)
     info["selected_channels"] = state.selected
     return PruneResult(w=w * mask, mask=mask, info=info)
-
-
-@torch.no_grad()
-def _eval_masked(model: nn.Module, dataset: Dataset, idx: torch.Tensor, batch_size: int,
-                 device: torch.device) -> tuple[float, float]:
-    loss_sum, correct, n = 0.0, 0, 0
-    for ch in _chunks(idx.numel(), batch_size):
-        x, y = load_batch(dataset, idx[ch], device)
-        out = model(x)
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        n += y.numel()
-    return loss_sum / max(n, 1), correct / max(n, 1)
 
 
 def _finetune(ctx: TrainContext, cfg: Config, epochs: float, gens: dict[str, torch.Generator], phase: str,
