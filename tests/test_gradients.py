@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pruning.gradients as gmod
+import pruning.gradients.cache as gmod
+from pruning.calibrate import apply_row_noise
 from pruning.gradients import (
     GradientMatrix,
     affine_batchnorm,
-    apply_row_noise,
     build_gradient_matrix,
     compute_gradient_matrix,
     compute_gradients,
@@ -106,7 +106,7 @@ def test_blocked_and_streamed_equal_dense(block_size, tmp_path):
     # one pass per tensor (a tiny column budget) into a scratch directory
     scratch = compute_gradient_matrix(model, layout, x, y, block_size=block_size, chunk_size=3, stream=True,
                                       stream_cols=1)
-    assert streamed.mmap and not mem.mmap
+    assert streamed.on_disk and not mem.on_disk
     assert mem.blocks == layout.blocks(block_size) == streamed.blocks
     for gm in (mem, streamed, scratch):
         assert all(d.shape == (11, sl.stop - sl.start) for sl, d in zip(gm.blocks, gm.data))
@@ -155,7 +155,7 @@ def test_cache_hit_and_miss(stream, tmp_path, monkeypatch):
     G3 = build_gradient_matrix(model, layout, x, y, idx, {**cal, "stream": not stream}, cache_dir=tmp_path, seed=0)
     assert counter.calls == 1
     assert torch.equal(G2.dense(), G1.dense()) and torch.equal(G3.dense(), G1.dense())
-    assert G2.key == G1.key and torch.equal(G2.indices, idx) and G3.mmap == (not stream)
+    assert G2.key == G1.key and torch.equal(G2.indices, idx) and G3.on_disk == (not stream)
     assert torch.equal(G1.dense(), compute_gradients(model, layout, x, y, mini_batch=2, chunk_size=3))
     # every key component misses
     changed = [
@@ -196,6 +196,7 @@ def test_bad_flag_is_a_config_error(tmp_path):
 
 class ScaleRows(NoiseModel):
     kind = "scale"
+    ACTS_ON = frozenset({"gradient_rows"})
 
     def gradients(self, G: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return G * torch.arange(1, G.shape[0] + 1, dtype=G.dtype).unsqueeze(1) if G.shape[0] == 9 else G * 2
@@ -209,7 +210,7 @@ def test_row_noise_after_cache(stream):
     G = compute_gradient_matrix(model, layout, x, y, block_size=10, stream=stream)
     assert apply_row_noise(G, NoiseModel(), torch.Generator()) is G
     out = apply_row_noise(G, ScaleRows(), torch.Generator(), chunk_rows=9)
-    assert isinstance(out, GradientMatrix) and out.blocks == G.blocks and out.mmap == stream
+    assert isinstance(out, GradientMatrix) and out.blocks == G.blocks and out.on_disk == stream
     expected = G.dense() * torch.arange(1, 10, dtype=torch.float32).unsqueeze(1)
     assert torch.allclose(out.dense(), expected)
     assert not torch.allclose(G.dense(), expected)  # the cached matrix itself is untouched

@@ -18,7 +18,7 @@ from pruning import methods
 from pruning.gradients import BlockStore, GradientMatrix, build_gradient_matrix, compute_gradient_matrix
 from pruning.layout import get_flat, make_layout
 from pruning.methods.base import PruningProblem
-from pruning.sparse_regression import ColumnView, DenseOperator, restrict
+from pruning.sparse_regression import ColumnView, DenseOperator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def pair(tmp_path: Path) -> tuple[nn.Module, object, GradientMatrix, GradientMat
 
 def test_one_pass_store_equals_memory(pair, tmp_path):
     _, layout, mem, disk = pair
-    assert disk.mmap and disk.store is not None and not mem.mmap
+    assert disk.on_disk and disk.store is not None and not mem.on_disk
     assert disk.blocks == mem.blocks and disk.num_rows == 24 and disk.num_cols == layout.numel
     assert torch.allclose(disk.dense(), mem.dense(), rtol=1e-6, atol=1e-7)
     w, r = torch.randn(layout.numel), torch.randn(24)
@@ -143,9 +143,9 @@ def test_methods_agree_on_disk_and_in_memory(pair, name, cfg):
 def test_active_set_is_streamed_beyond_the_resident_budget(pair):
     model, layout, mem, disk = pair
     idx = torch.arange(0, layout.numel, 4)
-    assert isinstance(restrict(disk, idx), DenseOperator)
+    assert isinstance(disk.restrict(idx), DenseOperator)
     tight = GradientMatrix.from_store(disk.store, disk.blocks, disk.indices, max_resident_bytes=64)
-    view = restrict(tight, idx)
+    view = tight.restrict(idx)
     assert isinstance(view, ColumnView)
     w = get_flat(model, layout)
     a = _prune("lr", mem, layout, w, 0.8, precision="float64")
