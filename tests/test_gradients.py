@@ -258,3 +258,28 @@ def test_rows_match_the_loop_when_batchnorm_parameters_are_prunable():
     x, y = data((2, 5, 5), 10, 5, seed=5)
     G = compute_gradient_matrix(model, layout, x, y, chunk_size=4).dense()
     assert rel_err(G, loop_reference(model, layout, x, y, 1)) < 1e-5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_nonfinite_entries_are_counted_while_g_is_written(stream, tmp_path):
+    """The NaN/inf count taken by the writer (and by the cache's verification read) equals a
+    count over the dense G, and the calibration step refuses such a G without another pass."""
+    from pruning.calibrate import check_finite
+    from pruning.errors import ConfigError
+
+    model = mlp()
+    layout = make_layout(model)
+    x, y = data((3, 4), 8, 4)
+    x[3, 1, 2] = float("nan")  # one example: its row of G is NaN
+    cal = {"mini_batch": 1, "chunk_size": 3, "stream": stream, "cache": True}
+    idx = torch.arange(8).view(8, 1)
+    fresh = build_gradient_matrix(model, layout, x, y, idx, cal, cache_dir=tmp_path, seed=0)
+    cached = build_gradient_matrix(model, layout, x, y, idx, cal, cache_dir=tmp_path, seed=0)
+    assert cached.entry is not None
+    expected = int((~torch.isfinite(fresh.dense())).sum())
+    assert expected > 0 and fresh.nonfinite == expected and cached.nonfinite == expected
+    with pytest.raises(ConfigError, match=f"has {expected} NaN/inf entries"):
+        check_finite(cached, 1)
+    clean = compute_gradient_matrix(model, layout, x[:3], y[:3], stream=stream)
+    assert clean.nonfinite == 0
+    check_finite(clean, 1)
