@@ -283,3 +283,18 @@ def test_nonfinite_entries_are_counted_while_g_is_written(stream, tmp_path):
     clean = compute_gradient_matrix(model, layout, x[:3], y[:3], stream=stream)
     assert clean.nonfinite == 0
     check_finite(clean, 1)
+
+
+def test_gradients_never_import_the_noise_models():
+    """Noise meets G in pruning.calibrate only: the gradients package does not know noise models."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, pruning.gradients; print(sorted(m for m in sys.modules if m.startswith('pruning.noise')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    src = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "pruning" / "gradients").glob("*.py"))
+    assert "pruning.noise" not in src and "import noise" not in src

@@ -215,3 +215,29 @@ def test_stream_memory_does_not_grow_with_n():
     assert big["built"] < mem["built"] - 0.8 * big["g_bytes"], (big, mem)  # G is not resident
     assert big["products"] < big["built"] + 2 * block, big
     assert big["growth"] < big["built"] + 6 * block, big
+
+
+def test_every_operator_gives_the_same_columns(pair):
+    """G in memory, G on disk, a dense tensor and a column view all implement the operator protocol
+    and hand out the same column subsets (what lets the solvers stay blind to storage)."""
+    from pruning.gradients import GradientOperator
+
+    _, layout, mem, disk = pair
+    dense = DenseOperator(mem.dense())
+    sub = torch.tensor([1, 2, 3, 40, 41, 49, 50, 51, layout.numel - 1])
+    view = ColumnView(mem, sub)
+    for op in (mem, disk, dense, view):
+        assert isinstance(op, GradientOperator), type(op).__name__
+    idx = torch.tensor([0, 3, 49, 50, 51, 120, layout.numel - 1])
+    want = dense.A[:, idx]
+    for op in (mem, disk, dense):
+        assert torch.equal(op.dense_columns(idx), want), type(op).__name__
+        got = torch.empty_like(want)
+        for pos, cols in op.column_chunks(idx, chunk=2):
+            assert pos.numel() <= 2 and torch.equal(pos, torch.arange(int(pos[0]), int(pos[-1]) + 1))
+            got[:, pos] = cols
+        assert torch.equal(got, want)
+        assert torch.equal(op.restrict(idx).dense_columns(torch.arange(idx.numel())), want)
+        assert op.to("cpu", torch.float64).dtype == torch.float64
+    assert torch.equal(view.dense_columns(torch.tensor([0, 4, 8])), dense.A[:, sub[[0, 4, 8]]])
+    assert disk.max_resident_bytes is not None and mem.max_resident_bytes is None and dense.max_resident_bytes is None

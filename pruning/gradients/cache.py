@@ -123,10 +123,6 @@ class CalibrationSettings:
             resident_mb=megabytes(d["resident_mb"], "calibration.resident_mb", allow_none=True),
         )
 
-    @property
-    def resident_bytes(self) -> int | None:
-        return None if self.resident_mb is None else int(self.resident_mb * 2**20)
-
 
 # ------------------------------------------------------------------------------------ entries
 def _publish(path: Path, fill: Callable[[Path], T]) -> tuple[T, bool]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -25,6 +25,7 @@ RESIDENT_MB = 2048  # stream mode: largest dense copy of G's columns a solver ke
 COLUMN_CHUNK = 16384  # columns per chunk when columns are handed out piecewise
 
 
+@runtime_checkable
 class GradientOperator(Protocol):
     """What a solver may ask of G (N rows, p columns).
 
