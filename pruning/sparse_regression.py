@@ -53,7 +53,8 @@ Every objective value the solvers record is Q of the full p-vector; the recorded
 increases (steps that would increase it are rejected, and IHT-LS stops: info `stop` is ftol,
 max_iter, no_decrease, or no_descent when <grad Q, d_S> <= 0, which the paper direction can give
 for near-uniform plans; the SWAP code's step search then returns tau = 0 as well). No p x p matrix is ever formed; G is only
-used through matvec / rmatvec and, for the active set and backsolve, through column subsets.
+used through matvec / rmatvec and, for the active set and backsolve, through column subsets: the
+`GradientOperator` protocol (`pruning.gradients.operator`), whatever stores G.
 """
 
 from __future__ import annotations
