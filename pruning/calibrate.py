@@ -32,7 +32,13 @@ import torch
 
 from pruning.calibration import DatasetRows
 from pruning.errors import ConfigError
-from pruning.gradients import BlockStore, CalibrationSettings, GradientMatrix, build_gradient_matrix
+from pruning.gradients import (
+    BlockStore,
+    CalibrationSettings,
+    GradientMatrix,
+    build_gradient_matrix,
+    nonfinite_entries,
+)
 from pruning.layout import ParamLayout
 from pruning.noise import NoiseModel
 from pruning.seeds import derive_seed, generator
@@ -135,7 +141,7 @@ def apply_row_noise(G: GradientMatrix, noise: NoiseModel | None, gen: torch.Gene
         return G
     if not G.on_disk:
         noisy = noise.gradients(G.dense(), gen)
-        bad = int(noisy.numel() - int(torch.isfinite(noisy).sum()))
+        bad = nonfinite_entries(noisy)
         return replace(G, data=[noisy[:, sl].contiguous() for sl in G.blocks], entry=None, nonfinite=bad)
     p, n = G.num_cols, G.num_rows
     step = chunk_rows or max(1, (1 << 24) // max(p, 1))
@@ -159,10 +165,7 @@ def check_finite(G: GradientMatrix, stage: int, noise: NoiseModel | None = None)
     pass over G's blocks only when nothing counted them."""
     bad = G.nonfinite
     if bad is None:
-        bad = 0
-        for b in range(len(G.blocks)):
-            block = G.block(b)
-            bad += int(block.numel() - int(torch.isfinite(block).sum()))
+        bad = sum(nonfinite_entries(G.block(b)) for b in range(len(G.blocks)))
     if bad:
         what = f", noise {noise.record()}" if noise is not None and noise.kind != "none" else ""
         raise ConfigError("calibration", f"G of stage {stage} ({G.num_rows} x {G.num_cols}{what})",

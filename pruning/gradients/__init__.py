@@ -33,6 +33,7 @@ from pruning.gradients.compute import (
     as_rows,
     compute_gradient_matrix,
     compute_gradients,
+    nonfinite_entries,
     release_heap,
     stream_groups,
 )
@@ -51,6 +52,6 @@ __all__ = [
     "BlockStore", "CalibrationSettings", "ColumnView", "CorruptCache", "DenseOperator", "GradientMatrix",
     "GradientOperator", "LossFn",
     "affine_batchnorm", "as_rows", "build_gradient_matrix", "cache_key", "compute_gradient_matrix",
-    "compute_gradients", "load_gradient_matrix", "release_heap", "save_gradient_matrix", "split_blocks",
+    "compute_gradients", "load_gradient_matrix", "nonfinite_entries", "release_heap", "save_gradient_matrix", "split_blocks",
     "stream_groups", "weights_hash",
 ]

@@ -270,13 +270,13 @@ def _in_memory(model: nn.Module, layout: ParamLayout, source: RowSource, blocks:
     single = n_rows <= chunk_size  # one vmap call: its output becomes the storage, no copy
     data = [torch.empty(0)] * len(blocks) if single else [
         torch.empty(n_rows, sl.stop - sl.start, device=device, dtype=torch.float32) for sl in blocks]
-    bad = torch.zeros((), dtype=torch.int64, device=device)  # NaN/inf so far (one sync at the end)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # finite iff every entry is (one sync)
 
     def sink(s: int, e: int, grads: dict[str, torch.Tensor]) -> None:
-        nonlocal bad
+        nonlocal total
         flat = {k: grads[k].reshape(e - s, -1) for k in layout.names}
         for rows in flat.values():
-            bad = bad + rows.numel() - torch.isfinite(rows).sum()
+            total = total + rows.sum()
         for b, (name, lo, hi) in enumerate(owners):
             if single:
                 whole = hi - lo == flat[name].shape[1]
@@ -285,7 +285,16 @@ def _in_memory(model: nn.Module, layout: ParamLayout, source: RowSource, blocks:
                 data[b][s:e] = flat[name][:, lo:hi]
 
     _row_gradients(model, layout, source, layout.names, sink, chunk_size=chunk_size, **kw)
-    return GradientMatrix(blocks, data, indices, nonfinite=int(bad))
+    # a finite sum has no NaN/inf terms; otherwise (or on an overflow) count them exactly
+    bad = 0 if bool(torch.isfinite(total)) else sum(nonfinite_entries(d) for d in data)
+    return GradientMatrix(blocks, data, indices, nonfinite=bad)
+
+
+def nonfinite_entries(t: torch.Tensor) -> int:
+    """NaN/inf entries of a tensor (one fast reduction when there are none)."""
+    if bool(torch.isfinite(t.sum())):
+        return 0
+    return int(t.numel() - int(torch.isfinite(t).sum()))
 
 
 def _stream_into(store: BlockStore, model: nn.Module, layout: ParamLayout, source: RowSource, chunk_size: int,
