@@ -298,3 +298,17 @@ def test_gradients_never_import_the_noise_models():
     assert out.stdout.strip() == "[]"
     src = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "pruning" / "gradients").glob("*.py"))
     assert "pruning.noise" not in src and "import noise" not in src
+
+
+def test_nonfinite_counts_survive_an_overflowing_sum():
+    """The fast path (a finite sum has no NaN/inf terms) falls back to an exact count, so large
+    finite entries whose sum overflows are not counted, and every NaN/inf is."""
+    import numpy as np
+
+    from pruning.gradients import nonfinite_entries
+    from pruning.gradients.storage import count_nonfinite
+
+    big = np.full((4, 5), 3e38, dtype=np.float32)
+    assert count_nonfinite(big) == 0 and nonfinite_entries(torch.from_numpy(big)) == 0
+    big[1, 2], big[3, 0], big[0, 0] = np.nan, np.inf, -np.inf
+    assert count_nonfinite(big) == 3 and nonfinite_entries(torch.from_numpy(big)) == 3
