@@ -75,11 +75,10 @@ def acts_on(noise: NoiseModel | None, what: str) -> bool:
     return noise is not None and what in noise.ACTS_ON
 
 
-def calibration_rows(c: Calibration, calib_set: Any, model: torch.nn.Module, noise: NoiseModel | None,
-                     stage: int) -> DatasetRows:
+def calibration_rows(c: Calibration, cal: CalibrationSettings, calib_set: Any, model: torch.nn.Module,
+                     noise: NoiseModel | None, stage: int) -> DatasetRows:
     """The calibration examples of `stage`, read a block at a time while G is built (the N x m
     inputs are never all in memory), with the noise model's input hook applied per block."""
-    cal = CalibrationSettings.parse(c.calibration)
     key: dict[str, Any] = {"dataset": {k: v for k, v in dict(c.dataset).items() if k not in DATA_KEYS_NOT_IN_EXAMPLES},
                            "size": len(calib_set)}
     prepare = None
@@ -111,12 +110,13 @@ def noise_cache_key(noise: NoiseModel | None, stream_seed: int) -> Any:
 def gradient_matrix(c: Calibration, calib_set: Any, model: torch.nn.Module, layout: ParamLayout,
                     mask: torch.Tensor, noise: NoiseModel | None, stage: int) -> GradientMatrix:
     """G of stage `stage` at the model's current weights, noise applied (steps 1-5 above)."""
-    rows = calibration_rows(c, calib_set, model, noise, stage)
+    cal = CalibrationSettings.parse(c.calibration)  # checked once, used by steps 1-3
+    rows = calibration_rows(c, cal, calib_set, model, noise, stage)
     weights = (noise.calibration_weights(model, layout, mask, generator(c.seed, f"noise/{stage}/weights"))
                if acts_on(noise, "weights") else contextlib.nullcontext())
     try:
         with weights:  # blocked G through the disk cache, keyed inside the weight-noise context
-            G = build_gradient_matrix(model, layout, rows, None, rows.indices, c.calibration,
+            G = build_gradient_matrix(model, layout, rows, None, rows.indices, cal,
                                       cache_dir=c.cache_dir, seed=c.seed,
                                       key_extra=noise_cache_key(noise, derive_seed(c.seed, f"noise/{stage}/weights")),
                                       progress=c.progress, warn=c.warn)
