@@ -101,7 +101,7 @@ def _remember(key: str, tensors: Tensors) -> None:
 
 def matrix_identity(G: GradientMatrix, block: torch.Tensor) -> str:
     """G's gradient-cache key when it has an entry on disk, else a sha256 of the block's values."""
-    entry = getattr(G, "entry", None)
+    entry = G.entry
     if entry is not None and G.key:
         return f"grads:{G.key}"
     return f"values:{tensor_hash(block)}"
@@ -113,7 +113,7 @@ def entry_key(kind: str, identity: str, parts: dict[str, Any]) -> str:
 
 
 def _disk_path(G: GradientMatrix, key: str) -> Path | None:
-    entry = getattr(G, "entry", None)
+    entry = G.entry
     return None if entry is None else Path(entry) / FACTORS_DIR / f"{key}.pt"
 
 

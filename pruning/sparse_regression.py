@@ -53,19 +53,20 @@ Every objective value the solvers record is Q of the full p-vector; the recorded
 increases (steps that would increase it are rejected, and IHT-LS stops: info `stop` is ftol,
 max_iter, no_decrease, or no_descent when <grad Q, d_S> <= 0, which the paper direction can give
 for near-uniform plans; the SWAP code's step search then returns tau = 0 as well). No p x p matrix is ever formed; G is only
-used through matvec / rmatvec and, for the active set and backsolve, through column subsets.
+used through matvec / rmatvec and, for the active set and backsolve, through column subsets: the
+`GradientOperator` protocol (`pruning.gradients.operator`), whatever stores G.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from pruning.errors import ConfigError, choice
+from pruning.gradients.operator import ColumnView, DenseOperator, GradientOperator  # noqa: F401 (solvers' vocabulary)
 from pruning.layout import topk_mask
 
 ALGORITHMS = ("active_iht", "iht", "backsolve")
@@ -77,170 +78,19 @@ FINISHES = ("none", "backsolve")
 
 
 # ------------------------------------------------------------------------------------ operators
-class LinearOperator(Protocol):
-    """What the solvers need from G: `GradientMatrix` and `DenseOperator` both qualify."""
-
-    @property
-    def num_rows(self) -> int: ...
-
-    @property
-    def num_cols(self) -> int: ...
-
-    def matvec(self, w: torch.Tensor) -> torch.Tensor: ...
-
-    def rmatvec(self, r: torch.Tensor) -> torch.Tensor: ...
-
-
-class DenseOperator:
-    """A dense (N, n) matrix as an operator (the columns of an active set, and tests)."""
-
-    def __init__(self, A: torch.Tensor):
-        self.A = A
-
-    @property
-    def num_rows(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def num_cols(self) -> int:
-        return self.A.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.A.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.A.device
-
-    def matvec(self, w: torch.Tensor) -> torch.Tensor:
-        return self.A @ w.to(self.A.dtype)
-
-    def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
-        return self.A.T @ r.to(self.A.dtype)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DenseOperator:
-        return DenseOperator(self.A.to(device=device, dtype=dtype or self.A.dtype))
-
-
-class ColumnView:
-    """Columns `idx` of an operator without copying them (O(N p) per product, no extra memory)."""
-
-    def __init__(self, op: LinearOperator, idx: torch.Tensor):
-        self.op, self.idx = op, idx
-
-    @property
-    def num_rows(self) -> int:
-        return self.op.num_rows
-
-    @property
-    def num_cols(self) -> int:
-        return int(self.idx.numel())
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return operator_dtype(self.op)
-
-    def matvec(self, w: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(self.op.num_cols, dtype=w.dtype, device=w.device)
-        full[self.idx] = w
-        return self.op.matvec(full)
-
-    def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
-        return self.op.rmatvec(r)[self.idx]
-
-
-def operator_dtype(op: Any) -> torch.dtype:
-    dtype = getattr(op, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    data = getattr(op, "data", None)
-    return data[0].dtype if data else torch.float32
-
-
-def cast_operator(op: Any, dtype: torch.dtype) -> Any:
+def cast_operator(op: GradientOperator, dtype: torch.dtype) -> GradientOperator:
     """`op` in `dtype` (a copy when it differs; unchanged otherwise)."""
-    if operator_dtype(op) == dtype:
-        return op
-    if not hasattr(op, "to"):
-        raise TypeError(f"{type(op).__name__} cannot be cast to {dtype}")
-    device = getattr(op, "device", None)
-    if device is None:
-        device = op.data[0].device if getattr(op, "data", None) else "cpu"
-    return op.to(device, dtype)
+    return op if op.dtype == dtype else op.to(op.device, dtype)
 
 
-def iter_columns(op: Any, idx: torch.Tensor, chunk: int = 16384) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(positions in idx, dense G[:, idx[positions]]) chunk by chunk; idx sorted ascending.
-
-    Uses the column blocks of a `GradientMatrix` (memory or memory-mapped) or a dense operator's
-    matrix; never materialises more than one chunk of columns.
-    """
-    idx = idx.to("cpu")
-    if isinstance(op, DenseOperator):
-        for s in range(0, idx.numel(), chunk):
-            pos = torch.arange(s, min(s + chunk, idx.numel()))
-            yield pos, op.A[:, idx[pos].to(op.A.device)]
-        return
-    if isinstance(op, ColumnView):
-        yield from iter_columns(op.op, op.idx.to("cpu")[idx], chunk)
-        return
-    blocks, data = getattr(op, "blocks", None), getattr(op, "data", None)
-    if blocks is None or data is None:
-        raise TypeError(f"{type(op).__name__} gives no access to its columns (needs blocks/data)")
-    starts = torch.tensor([sl.start for sl in blocks] + [blocks[-1].stop])
-    edges = torch.searchsorted(idx, starts)
-    on_disk = getattr(op, "store", None) is not None  # read only the spanned columns, one chunk at a time
-    for b, (sl, gb) in enumerate(zip(blocks, data)):
-        lo, hi = int(edges[b]), int(edges[b + 1])
-        for s in range(lo, hi, chunk):
-            pos = torch.arange(s, min(s + chunk, hi))
-            if on_disk:
-                first, last = int(idx[pos[0]]), int(idx[pos[-1]])
-                span = op.columns(slice(first, last + 1))
-                yield pos, span[:, (idx[pos] - first).to(span.device)]
-                continue
-            local = (idx[pos] - sl.start).to(gb.device)
-            yield pos, gb[:, local]
-
-
-def gather_columns(op: Any, idx: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense (N, len(idx)) copy of the columns idx (sorted ascending) of G."""
-    out: torch.Tensor | None = None  # filled chunk by chunk: one copy of the columns, never two
-    for pos, cols in iter_columns(op, idx):
-        if out is None:
-            out = torch.empty(op.num_rows, idx.numel(), dtype=dtype or cols.dtype, device=cols.device)
-        out[:, int(pos[0]):int(pos[-1]) + 1] = cols  # positions come as consecutive ranges
-    if out is None:
-        return torch.zeros(op.num_rows, 0, dtype=dtype or operator_dtype(op))
-    return out
-
-
-def restrict(op: Any, idx: torch.Tensor, max_fraction: float = 0.5) -> Any:
-    """The columns idx of G as an operator: a dense copy when they are at most `max_fraction` of
-    the columns (products then cost O(N |idx|)) and the copy fits G's `max_resident_bytes` (a G
-    streamed from disk), else a no-copy view."""
-    if idx.numel() == op.num_cols:
-        return op
-    budget = getattr(op, "max_resident_bytes", None)
-    nbytes = op.num_rows * idx.numel() * operator_dtype(op).itemsize
-    if idx.numel() <= max_fraction * op.num_cols and (budget is None or nbytes <= budget):
-        return DenseOperator(gather_columns(op, idx))
-    return ColumnView(op, idx)
-
-
-def power_sigma_sq(op: Any, weights: torch.Tensor | None = None, iters: int = 30,
+def power_sigma_sq(op: GradientOperator, weights: torch.Tensor | None = None, iters: int = 30,
                    seed: int = 0) -> float:
     """sigma_max(sqrt(W) G)^2 by power iteration on G^T W G (a lower bound that converges)."""
     n = op.num_cols
     if n == 0:
         return 0.0
     g = torch.Generator().manual_seed(seed)
-    dtype = operator_dtype(op)
-    v = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
-    dev = getattr(op, "device", None)
-    if isinstance(dev, torch.device):
-        v = v.to(dev)
+    v = torch.randn(n, generator=g, dtype=torch.float64).to(op.dtype).to(op.device)
     v = v / v.norm()
     est = 0.0
     for _ in range(max(iters, 1)):
@@ -483,7 +333,7 @@ class PlanRegression:
         r = yhat.to(torch.float64) - self.y.to(torch.float64)
         return self.plan.scaled_apply(r).to(yhat.dtype)
 
-    def direction_vec(self, op: Any, w: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
+    def direction_vec(self, op: GradientOperator, w: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
         d = op.rmatvec(self.direction_residual(yhat)).to(w.dtype)
         return d + self.nlam * (w - self.w_bar.to(w.dtype))
 
@@ -498,7 +348,7 @@ class PlanRegression:
         data = float(g @ g) if self._unit else float((self.omega * g) @ g)
         return data + self.nlam * _dot64(v, v)
 
-    def lipschitz(self, op: Any, iters: int) -> float:
+    def lipschitz(self, op: GradientOperator, iters: int) -> float:
         weights = None if self._unit else self.omega
         return 1.05 * (power_sigma_sq(op, weights, iters) + self.nlam)
 
@@ -546,9 +396,9 @@ class SolverConfig:
         if not self.step_growth > 1:
             raise ConfigError("method.step_growth", self.step_growth, "a number > 1")
 
-    def compute_dtype(self, op: Any) -> torch.dtype:
+    def compute_dtype(self, op: GradientOperator) -> torch.dtype:
         if self.precision == "auto":
-            return operator_dtype(op)
+            return op.dtype
         return torch.float64 if self.precision == "float64" else torch.float32
 
 
@@ -585,7 +435,7 @@ def _support_change_bound(w: torch.Tensor, d: torch.Tensor, mask: torch.Tensor) 
     return float(ratio.min())
 
 
-def _plain_step(obj: PlanRegression, op: Any, w: torch.Tensor, yhat: torch.Tensor, k: int, L: float,
+def _plain_step(obj: PlanRegression, op: GradientOperator, w: torch.Tensor, yhat: torch.Tensor, k: int, L: float,
                 d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """One IHT step w -> H_k(w - d / L) with its yhat and Q."""
     if d is None:
@@ -603,7 +453,7 @@ class _State:
     f: float
 
 
-def _first_iterate(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, L: float,
+def _first_iterate(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: int, L: float,
                    yhat0: torch.Tensor | None = None) -> tuple[_State, dict[str, Any]]:
     """The better of H_k(w0) and one IHT step from w0 (L doubled up to 20 times while the step
     increases Q, when w0 is already k-sparse and so feasible)."""
@@ -631,7 +481,7 @@ class _Conjugate:
     v: torch.Tensor
 
 
-def _ls_step(obj: PlanRegression, op: Any, s: _State, k: int, cfg: SolverConfig,
+def _ls_step(obj: PlanRegression, op: GradientOperator, s: _State, k: int, cfg: SolverConfig,
              prev: _Conjugate | None = None) -> tuple[_State, str, _Conjugate | None]:
     """One IHT step with exact line search from a k-sparse state (CHITA hard_thresholding_ls).
 
@@ -678,7 +528,7 @@ def _ls_step(obj: PlanRegression, op: Any, s: _State, k: int, cfg: SolverConfig,
     return best, kind, None
 
 
-def iht_ls(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig,
+def iht_ls(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: int, cfg: SolverConfig,
            L: float | None = None) -> SolveResult:
     """IHT with exact line search (CHITA Vanilla_IHTCDLS, cd_itr = 0) on the operator `op`; stops
     when the relative change of Q is at most ftol (`stop` ftol), after max_iter steps (max_iter),
@@ -709,7 +559,7 @@ def iht_ls(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverCo
     return SolveResult(s.w, s.mask, s.f, history, info)
 
 
-def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
+def active_set_iht(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
     """CHITA Active_IHTCDLS (cd_itr = 0): IHT-LS on a growing active set of columns."""
     p = op.num_cols
     k_act = max(min(int(cfg.active_set_factor * k), p), k)  # CHITA initial_active_set: int()
@@ -726,7 +576,7 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
     s: _State | None = None
     while True:
         idx = active.nonzero().squeeze(1)
-        opA = restrict(op, idx)
+        opA = op.restrict(idx)
         objA = obj.restrict(idx)
         res = iht_ls(objA, opA, w[idx], k, cfg)
         iterations += res.info["iterations"]
@@ -768,7 +618,7 @@ def active_set_iht(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: 
     return SolveResult(s.w, s.mask, s.f, history, info)
 
 
-def backsolve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig,
+def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: int, cfg: SolverConfig,
               mask: torch.Tensor | None = None) -> SolveResult:
     """CHITA Heuristic_LS: fix a support (`mask`, or chosen by `cfg.backsolve_support`), then the
     exact ridge minimiser of Q on it."""
@@ -792,7 +642,7 @@ def backsolve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: Solve
         wS = torch.zeros(0, dtype=dtype, device=w0.device)
         route = "empty"
     elif k <= n:
-        GS = gather_columns(op, idx.cpu(), dtype).to(w0.device)
+        GS = op.dense_columns(idx.cpu(), dtype).to(w0.device)
         H = GS.T @ (omega[:, None] * GS)
         H.diagonal().add_(mu)
         wS = _spd_solve(H, c, "method.lam", cfg.lam)
@@ -802,7 +652,7 @@ def backsolve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: Solve
             raise ConfigError("method.lam", cfg.lam, "> 0 for algorithm=backsolve when N < k",
                               "makes the support system singular")
         K = torch.zeros(n, n, dtype=dtype, device=w0.device)
-        for _, cols in iter_columns(op, idx.cpu()):
+        for _, cols in op.column_chunks(idx.cpu()):
             cols = cols.to(device=w0.device, dtype=dtype)
             K += cols @ cols.T
         sq = omega.clamp_min(0).sqrt()
@@ -831,11 +681,11 @@ def _spd_solve(A: torch.Tensor, b: torch.Tensor, key: str, value: Any) -> torch.
         raise ConfigError(key, value, "a larger value", f"leaves the support system singular ({exc})") from None
 
 
-def solve(op: Any, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: int, plan: Plan,
+def solve(op: GradientOperator, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: int, plan: Plan,
           cfg: SolverConfig, direction: str = "paper") -> SolveResult:
     """min Q(w) s.t. ||w||_0 <= k from the start w0, with the algorithm of `cfg`.
 
-    `op` is G (any `LinearOperator`; a `GradientMatrix` in the pipeline), y = G w_bar, `plan` the
+    `op` is G (any `GradientOperator`; a `GradientMatrix` in the pipeline), y = G w_bar, `plan` the
     transport plan (IdentityPlan for LR). Computation runs in `cfg.precision`; w is returned in
     w0's dtype.
     """
@@ -845,8 +695,7 @@ def solve(op: Any, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: in
     out_dtype = w0.dtype
     dtype = cfg.compute_dtype(op)
     op = cast_operator(op, dtype)
-    dev = getattr(op, "device", w0.device)
-    dev = dev if isinstance(dev, torch.device) else w0.device
+    dev = op.device
     w0c, w_bar_c, yc = w0.to(dev, dtype), w_bar.to(dev, dtype), y.to(dev, dtype)
     obj = PlanRegression(yc, w_bar_c, cfg.lam, plan, direction)
     dropped = 0
@@ -855,7 +704,7 @@ def solve(op: Any, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: in
         dropped = p - int(nz.sum())
         if dropped and int(nz.sum()) > k:  # else every non-zero column is kept: solve as is
             idx = nz.nonzero().squeeze(1)
-            sub = _solve(obj.restrict(idx), restrict(op, idx), w0c[idx], k, cfg)
+            sub = _solve(obj.restrict(idx), op.restrict(idx), w0c[idx], k, cfg)
             res = SolveResult(torch.zeros_like(w0c), torch.zeros(p, dtype=torch.bool, device=dev), sub.objective,
                               sub.history, sub.info)
             res.w[idx], res.mask[idx] = sub.w, sub.mask
@@ -884,7 +733,7 @@ def progress_info(res: SolveResult, w0: torch.Tensor, k: int) -> dict[str, Any]:
     return info
 
 
-def _solve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
+def _solve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: int, cfg: SolverConfig) -> SolveResult:
     """The algorithm of `cfg`, then the optional exact backsolve on the final support."""
     p = op.num_cols
     if k == 0:
@@ -904,14 +753,9 @@ def _solve(obj: PlanRegression, op: Any, w0: torch.Tensor, k: int, cfg: SolverCo
     return res
 
 
-def nonzero_columns(op: Any) -> torch.Tensor:
+def nonzero_columns(op: GradientOperator) -> torch.Tensor:
     """(p,) bool: the columns of G with a non-zero entry (read chunk by chunk)."""
-    if isinstance(op, DenseOperator):
-        return (op.A != 0).any(0).cpu()
-    blocks, data = getattr(op, "blocks", None), getattr(op, "data", None)
-    if blocks is not None and data is not None and getattr(op, "store", None) is None:  # in memory: no gather
-        return torch.cat([(gb != 0).any(0).cpu() for gb in data])
     out = torch.zeros(op.num_cols, dtype=torch.bool)
-    for pos, cols in iter_columns(op, torch.arange(op.num_cols)):
+    for pos, cols in op.column_chunks(torch.arange(op.num_cols)):
         out[pos] = (cols != 0).any(0).cpu()
     return out

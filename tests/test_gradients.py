@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pruning.gradients as gmod
+import pruning.gradients.cache as gmod
+from pruning.calibrate import apply_row_noise
 from pruning.gradients import (
     GradientMatrix,
     affine_batchnorm,
-    apply_row_noise,
     build_gradient_matrix,
     compute_gradient_matrix,
     compute_gradients,
@@ -106,7 +106,7 @@ def test_blocked_and_streamed_equal_dense(block_size, tmp_path):
     # one pass per tensor (a tiny column budget) into a scratch directory
     scratch = compute_gradient_matrix(model, layout, x, y, block_size=block_size, chunk_size=3, stream=True,
                                       stream_cols=1)
-    assert streamed.mmap and not mem.mmap
+    assert streamed.on_disk and not mem.on_disk
     assert mem.blocks == layout.blocks(block_size) == streamed.blocks
     for gm in (mem, streamed, scratch):
         assert all(d.shape == (11, sl.stop - sl.start) for sl, d in zip(gm.blocks, gm.data))
@@ -155,7 +155,7 @@ def test_cache_hit_and_miss(stream, tmp_path, monkeypatch):
     G3 = build_gradient_matrix(model, layout, x, y, idx, {**cal, "stream": not stream}, cache_dir=tmp_path, seed=0)
     assert counter.calls == 1
     assert torch.equal(G2.dense(), G1.dense()) and torch.equal(G3.dense(), G1.dense())
-    assert G2.key == G1.key and torch.equal(G2.indices, idx) and G3.mmap == (not stream)
+    assert G2.key == G1.key and torch.equal(G2.indices, idx) and G3.on_disk == (not stream)
     assert torch.equal(G1.dense(), compute_gradients(model, layout, x, y, mini_batch=2, chunk_size=3))
     # every key component misses
     changed = [
@@ -196,6 +196,7 @@ def test_bad_flag_is_a_config_error(tmp_path):
 
 class ScaleRows(NoiseModel):
     kind = "scale"
+    ACTS_ON = frozenset({"gradient_rows"})
 
     def gradients(self, G: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return G * torch.arange(1, G.shape[0] + 1, dtype=G.dtype).unsqueeze(1) if G.shape[0] == 9 else G * 2
@@ -209,7 +210,7 @@ def test_row_noise_after_cache(stream):
     G = compute_gradient_matrix(model, layout, x, y, block_size=10, stream=stream)
     assert apply_row_noise(G, NoiseModel(), torch.Generator()) is G
     out = apply_row_noise(G, ScaleRows(), torch.Generator(), chunk_rows=9)
-    assert isinstance(out, GradientMatrix) and out.blocks == G.blocks and out.mmap == stream
+    assert isinstance(out, GradientMatrix) and out.blocks == G.blocks and out.on_disk == stream
     expected = G.dense() * torch.arange(1, 10, dtype=torch.float32).unsqueeze(1)
     assert torch.allclose(out.dense(), expected)
     assert not torch.allclose(G.dense(), expected)  # the cached matrix itself is untouched
@@ -257,3 +258,57 @@ def test_rows_match_the_loop_when_batchnorm_parameters_are_prunable():
     x, y = data((2, 5, 5), 10, 5, seed=5)
     G = compute_gradient_matrix(model, layout, x, y, chunk_size=4).dense()
     assert rel_err(G, loop_reference(model, layout, x, y, 1)) < 1e-5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_nonfinite_entries_are_counted_while_g_is_written(stream, tmp_path):
+    """The NaN/inf count taken by the writer (and by the cache's verification read) equals a
+    count over the dense G, and the calibration step refuses such a G without another pass."""
+    from pruning.calibrate import check_finite
+    from pruning.errors import ConfigError
+
+    model = mlp()
+    layout = make_layout(model)
+    x, y = data((3, 4), 8, 4)
+    x[3, 1, 2] = float("nan")  # one example: its row of G is NaN
+    cal = {"mini_batch": 1, "chunk_size": 3, "stream": stream, "cache": True}
+    idx = torch.arange(8).view(8, 1)
+    fresh = build_gradient_matrix(model, layout, x, y, idx, cal, cache_dir=tmp_path, seed=0)
+    cached = build_gradient_matrix(model, layout, x, y, idx, cal, cache_dir=tmp_path, seed=0)
+    assert cached.entry is not None
+    expected = int((~torch.isfinite(fresh.dense())).sum())
+    assert expected > 0 and fresh.nonfinite == expected and cached.nonfinite == expected
+    with pytest.raises(ConfigError, match=f"has {expected} NaN/inf entries"):
+        check_finite(cached, 1)
+    clean = compute_gradient_matrix(model, layout, x[:3], y[:3], stream=stream)
+    assert clean.nonfinite == 0
+    check_finite(clean, 1)
+
+
+def test_gradients_never_import_the_noise_models():
+    """Noise meets G in pruning.calibrate only: the gradients package does not know noise models."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, pruning.gradients; print(sorted(m for m in sys.modules if m.startswith('pruning.noise')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    src = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "pruning" / "gradients").glob("*.py"))
+    assert "pruning.noise" not in src and "import noise" not in src
+
+
+def test_nonfinite_counts_survive_an_overflowing_sum():
+    """The fast path (a finite sum has no NaN/inf terms) falls back to an exact count, so large
+    finite entries whose sum overflows are not counted, and every NaN/inf is."""
+    import numpy as np
+
+    from pruning.gradients import nonfinite_entries
+    from pruning.gradients.storage import count_nonfinite
+
+    big = np.full((4, 5), 3e38, dtype=np.float32)
+    assert count_nonfinite(big) == 0 and nonfinite_entries(torch.from_numpy(big)) == 0
+    big[1, 2], big[3, 0], big[0, 0] = np.nan, np.inf, -np.inf
+    assert count_nonfinite(big) == 3 and nonfinite_entries(torch.from_numpy(big)) == 3

@@ -212,7 +212,7 @@ def test_resumed_pruning_step_reads_g_from_the_cache(make_cfg: Callable[..., Any
     cfg = make_cfg("method=woodfisher", "schedule=multistage", "schedule.stages=2", "deterministic=true",
                    f"paths.cache_dir={tmp_path / 'cache'}")
     module = methods.get("woodfisher")
-    prune, compute = module.prune, gradients.compute_gradient_matrix
+    prune, compute = module.prune, gradients.cache.compute_gradient_matrix
     calls: list[int] = []
 
     def counting_compute(*args: Any, **kwargs: Any) -> Any:
@@ -224,7 +224,7 @@ def test_resumed_pruning_step_reads_g_from_the_cache(make_cfg: Callable[..., Any
             raise SystemExit(-1)
         return prune(problem, sparsity, mcfg)
 
-    monkeypatch.setattr(gradients, "compute_gradient_matrix", counting_compute)
+    monkeypatch.setattr(gradients.cache, "compute_gradient_matrix", counting_compute)
     run_dir = tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr(module, "prune", preempted_in_stage_2)

@@ -18,7 +18,7 @@ from pruning import methods
 from pruning.gradients import BlockStore, GradientMatrix, build_gradient_matrix, compute_gradient_matrix
 from pruning.layout import get_flat, make_layout
 from pruning.methods.base import PruningProblem
-from pruning.sparse_regression import ColumnView, DenseOperator, restrict
+from pruning.sparse_regression import ColumnView, DenseOperator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def pair(tmp_path: Path) -> tuple[nn.Module, object, GradientMatrix, GradientMat
 
 def test_one_pass_store_equals_memory(pair, tmp_path):
     _, layout, mem, disk = pair
-    assert disk.mmap and disk.store is not None and not mem.mmap
+    assert disk.on_disk and disk.store is not None and not mem.on_disk
     assert disk.blocks == mem.blocks and disk.num_rows == 24 and disk.num_cols == layout.numel
     assert torch.allclose(disk.dense(), mem.dense(), rtol=1e-6, atol=1e-7)
     w, r = torch.randn(layout.numel), torch.randn(24)
@@ -143,9 +143,9 @@ def test_methods_agree_on_disk_and_in_memory(pair, name, cfg):
 def test_active_set_is_streamed_beyond_the_resident_budget(pair):
     model, layout, mem, disk = pair
     idx = torch.arange(0, layout.numel, 4)
-    assert isinstance(restrict(disk, idx), DenseOperator)
+    assert isinstance(disk.restrict(idx), DenseOperator)
     tight = GradientMatrix.from_store(disk.store, disk.blocks, disk.indices, max_resident_bytes=64)
-    view = restrict(tight, idx)
+    view = tight.restrict(idx)
     assert isinstance(view, ColumnView)
     w = get_flat(model, layout)
     a = _prune("lr", mem, layout, w, 0.8, precision="float64")
@@ -215,3 +215,29 @@ def test_stream_memory_does_not_grow_with_n():
     assert big["built"] < mem["built"] - 0.8 * big["g_bytes"], (big, mem)  # G is not resident
     assert big["products"] < big["built"] + 2 * block, big
     assert big["growth"] < big["built"] + 6 * block, big
+
+
+def test_every_operator_gives_the_same_columns(pair):
+    """G in memory, G on disk, a dense tensor and a column view all implement the operator protocol
+    and hand out the same column subsets (what lets the solvers stay blind to storage)."""
+    from pruning.gradients import GradientOperator
+
+    _, layout, mem, disk = pair
+    dense = DenseOperator(mem.dense())
+    sub = torch.tensor([1, 2, 3, 40, 41, 49, 50, 51, layout.numel - 1])
+    view = ColumnView(mem, sub)
+    for op in (mem, disk, dense, view):
+        assert isinstance(op, GradientOperator), type(op).__name__
+    idx = torch.tensor([0, 3, 49, 50, 51, 120, layout.numel - 1])
+    want = dense.A[:, idx]
+    for op in (mem, disk, dense):
+        assert torch.equal(op.dense_columns(idx), want), type(op).__name__
+        got = torch.empty_like(want)
+        for pos, cols in op.column_chunks(idx, chunk=2):
+            assert pos.numel() <= 2 and torch.equal(pos, torch.arange(int(pos[0]), int(pos[-1]) + 1))
+            got[:, pos] = cols
+        assert torch.equal(got, want)
+        assert torch.equal(op.restrict(idx).dense_columns(torch.arange(idx.numel())), want)
+        assert op.to("cpu", torch.float64).dtype == torch.float64
+    assert torch.equal(view.dense_columns(torch.tensor([0, 4, 8])), dense.A[:, sub[[0, 4, 8]]])
+    assert disk.max_resident_bytes is not None and mem.max_resident_bytes is None and dense.max_resident_bytes is None

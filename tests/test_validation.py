@@ -5,6 +5,7 @@ of threads."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -190,11 +191,12 @@ def test_nonfinite_gradients_fail_before_solving(make_cfg, tmp_path, monkeypatch
 
     real = calibrate_mod.apply_row_noise
 
-    def poisoned(G, noise, gen):
+    def poisoned(G, noise, gen):  # row noise that puts NaN/inf into G (not counted by the writer)
         G = real(G, noise, gen)
-        G.data[0][1, 2] = math.nan
-        G.data[-1][0, 0] = math.inf
-        return G
+        data = [d.clone() for d in G.data]
+        data[0][1, 2] = math.nan
+        data[-1][0, 0] = math.inf
+        return dataclasses.replace(G, data=data, nonfinite=None)
 
     monkeypatch.setattr(calibrate_mod, "apply_row_noise", poisoned)
     monkeypatch.setattr(woodfisher, "prune", lambda *a: (_ for _ in ()).throw(AssertionError("solved")))

@@ -218,7 +218,7 @@ def masked_block(G: GradientMatrix, sl: slice, mask: torch.Tensor, device: torch
                  dtype: torch.dtype) -> torch.Tensor:
     """Columns `sl` of G in `dtype` on `device`, with the columns of pruned weights zeroed (one
     copy of the block: a G on disk hands out fresh reads, masked in place)."""
-    fresh = getattr(G, "store", None) is not None
+    fresh = G.on_disk
     Gb = G.columns(sl).to(device=device, dtype=dtype, copy=not fresh)
     return Gb.mul_(mask[sl].to(device=device, dtype=dtype))
 

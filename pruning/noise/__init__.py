@@ -10,14 +10,19 @@ Keys (one module and one `conf/noise/<kind>.yaml` each):
                calibration data and/or at evaluation (pruning/noise/adversarial.py)
 
 A noise model acts at up to four hook points of a run (after `bind(data)`, called once the run's
-data is loaded). The task passes each hook its own generator, derived from the run seed and a
-stream name (`pruning.seeds.generator`):
-  calibration_inputs(model, x, y, gen) -> x          inputs used to compute G,    "noise/<stage>/inputs/<block>"
-                                                     one block of rows at a time
-  calibration_weights(model, layout, mask, gen)      context manager: weights     "noise/<stage>/weights"
-                                                     used to compute G, restored after
-  gradients(G, gen) -> G                             rows of the dense G (N x p)  "noise/<stage>/gradients"
-  evaluate(model, data, layout, mask, device, gen, batch_size, num_workers)  extra final metrics  "noise/eval"
+data is loaded) and declares which in `ACTS_ON` (a subset of the keys of `HOOKS`); the callers
+apply exactly the declared hooks (`pruning.calibrate` while G is computed, the task at the final
+evaluation) and never probe which methods a class overrides. Each hook gets its own generator,
+derived from the run seed and a stream name (`pruning.seeds.generator`):
+  inputs         calibration_inputs(model, x, y, gen) -> x   inputs used to compute G,    "noise/<stage>/inputs/<block>"
+                                                             one block of rows at a time
+  weights        calibration_weights(model, layout, mask, gen)  context manager: weights  "noise/<stage>/weights"
+                                                             used to compute G, restored after
+  gradient_rows  gradients(G, gen) -> G                      rows of G (n x p, dense)     "noise/<stage>/gradients"
+  evaluation     evaluate(model, data, layout, mask, device, gen, batch_size, num_workers)  final metrics  "noise/eval"
+Training steps of the train-time methods and fine-tuning with noise hooks
+(`pruning.optim.noisy_backward`) apply the inputs, weights and gradient_rows hooks to each
+mini-batch (its gradient passed as one row of G); that is no separate hook.
 Paired draws: every random number comes from the generator passed in (never the global RNG),
 and how many numbers a hook draws depends only on shapes, never on the weights or the mask, so
 methods compared in one sweep see the same noise for one seed.
@@ -60,10 +65,27 @@ _MODULES = {
 T = TypeVar("T")
 
 
+# what a noise model may act on -> the hook that does it
+HOOKS = {
+    "inputs": "calibration_inputs",
+    "weights": "calibration_weights",
+    "gradient_rows": "gradients",
+    "evaluation": "evaluate",
+}
+
+
 class NoiseModel:
-    """The identity at every hook point (`noise=none`); subclasses override what they perturb."""
+    """The identity at every hook point (`noise=none`); subclasses override what they perturb and
+    list it in `ACTS_ON` (a test checks that the two agree for every registered model)."""
 
     kind = "none"
+    ACTS_ON: frozenset[str] = frozenset()  # keys of HOOKS whose hook this model implements
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.ACTS_ON) - set(HOOKS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.ACTS_ON names {sorted(unknown)}; allowed: {', '.join(HOOKS)}")
 
     @property
     def level(self) -> float:

@@ -168,6 +168,7 @@ class AdversarialNoise(NoiseModel):
     """FGSM/PGD at `calibration_inputs` and/or `evaluate`."""
 
     kind = "adversarial"
+    ACTS_ON = frozenset({"inputs", "evaluation"})
 
     def __init__(self, cfg: Config, bounds: tuple[float, float] = (0.0, 1.0)):
         self.cfg = cfg.validate()

@@ -284,6 +284,7 @@ class AnalogNoise(NoiseModel):
     """PCM weight noise at `calibration_weights` and/or `evaluate`."""
 
     kind = "analog"
+    ACTS_ON = frozenset({"weights", "evaluation"})
 
     def __init__(self, cfg: Config):
         self.cfg = cfg.validate()

@@ -112,6 +112,7 @@ class GradientNoise(NoiseModel):
     """SWAP gradient noise at the `gradients` hook; identity elsewhere."""
 
     kind = "gradient"
+    ACTS_ON = frozenset({"gradient_rows", "evaluation"})
 
     def __init__(self, cfg: Config):
         self.cfg = cfg.validate()
