@@ -44,13 +44,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pruning import factor_cache
-from pruning.errors import ConfigError
+from pruning.errors import flag, integer, number
+from pruning.fisher import DTYPES, BlockInverse, masked_block, method_blocks, validate_settings
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, num_kept
 from pruning.methods.base import PruneResult, PruningProblem
-from pruning.methods.woodfisher import DTYPES, BlockInverse, masked_block, method_blocks, validate_common
-
-NEEDS_GRADIENTS = True
 
 
 @dataclass(frozen=True)
@@ -68,16 +66,11 @@ class Config:
     dtype: str = "float64"              # precision of the CBS-U block algebra
 
     def validate(self) -> None:
-        validate_common(self)
-        e = self.epsilon
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
-            raise ConfigError("method.epsilon", e, "a number >= 0")
+        validate_settings(self)
+        number(self.epsilon, "method.epsilon", lo=0.0, allowed="a number >= 0", fractions=False)
         for key, lo in (("range", 0), ("max_no_match", 0), ("max_iter", 0), ("init_trials", 1)):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"method.{key}", v, f"an integer >= {lo}")
-        if not isinstance(self.update, bool):
-            raise ConfigError("method.update", self.update, "true, false")
+            integer(getattr(self, key), f"method.{key}", lo)
+        flag(self.update, "method.update")
 
 
 class SwapObjective:

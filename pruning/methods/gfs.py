@@ -53,15 +53,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from pruning import flops, structured
-from pruning.errors import ConfigError, choice
+from pruning.errors import ConfigError, choice, integer, number
 from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
-from pruning.methods.grda import example_input
-from pruning.methods.sdprun import find_groups
 from pruning.optim import generators_state, load_generators_state, stream_generators, train_loop
+from pruning.structured import example_input, find_groups
 
-KIND = "train"
-NEEDS_GRADIENTS = False
 BUDGETS = ("accuracy", "width", "flops", "params")
 
 
@@ -89,25 +86,17 @@ class Config:
     def validate(self) -> None:
         choice(self.budget, "method.budget", BUDGETS)
         for key in ("top1_tol", "skip_eval_converge"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ConfigError(f"method.{key}", v, "a number in [0, 1)")
+            number(getattr(self, key), f"method.{key}", lo=0.0, hi=1.0, hi_open=True,
+                   allowed="a number in [0, 1)", fractions=False)
         for key in ("width", "flops_ratio"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-                raise ConfigError(f"method.{key}", v, "a number in (0, 1]")
+            number(getattr(self, key), f"method.{key}", lo=0.0, lo_open=True, hi=1.0,
+                   allowed="a number in (0, 1]", fractions=False)
         for key in ("batch_size", "num_evaluate", "eval_size", "finetune_batch_size"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"method.{key}", v, "a positive integer")
-        if not isinstance(self.candidate_chunk, int) or self.candidate_chunk < 0:
-            raise ConfigError("method.candidate_chunk", self.candidate_chunk, "an integer >= 0 (0 = all)")
+            integer(getattr(self, key), f"method.{key}", lo=1, allowed="a positive integer")
+        integer(self.candidate_chunk, "method.candidate_chunk", lo=0, allowed="an integer >= 0 (0 = all)")
         for key in ("layer_finetune_epochs", "final_finetune_epochs", "momentum", "weight_decay"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"method.{key}", v, "a number >= 0")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ConfigError("method.lr", self.lr, "a number > 0")
+            number(getattr(self, key), f"method.{key}", lo=0.0, allowed="a number >= 0", fractions=False)
+        number(self.lr, "method.lr", lo=0.0, lo_open=True, allowed="a number > 0", fractions=False)
 
 
 # ------------------------------------------------------------------------------ scoring

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pruning.errors import ConfigError
+from pruning.errors import choice
 from pruning.layout import select_mask
 from pruning.methods.base import PruneResult, PruningProblem
 
-NEEDS_GRADIENTS = False
+SCOPES = ("global", "layerwise")
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,7 @@ class Config:
     scope: str = "global"
 
     def validate(self) -> None:
-        if self.scope not in ("global", "layerwise"):
-            raise ConfigError("method.scope", self.scope, "global, layerwise")
+        choice(self.scope, "method.scope", SCOPES)
 
 
 def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:

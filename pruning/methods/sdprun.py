@@ -47,14 +47,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pruning import structured
-from pruning.errors import ConfigError
+from pruning.dual_averaging import DualAveragingSettings, reinit, validate_settings
+from pruning.errors import choice
 from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
-from pruning.methods.grda import DualAveragingSettings, example_input, reinit, validate_common
 from pruning.optim import GRDA, stream_generators, train_loop
+from pruning.structured import example_input, find_groups
 
-KIND = "train"
-NEEDS_GRADIENTS = False
+RESTS = ("none", "l1")
+GROUP_WEIGHTS = ("sqrt_size", "one")
 
 
 @dataclass(frozen=True)
@@ -64,24 +65,9 @@ class Config(DualAveragingSettings):
     shrink: bool = True              # physically remove the dead channels
 
     def validate(self) -> None:
-        validate_common(self)
-        if self.rest not in ("none", "l1"):
-            raise ConfigError("method.rest", self.rest, "none, l1")
-        if self.group_weight not in ("sqrt_size", "one"):
-            raise ConfigError("method.group_weight", self.group_weight, "sqrt_size, one")
-
-
-def find_groups(model: Any, example: Any, key: str = "model", gm: Any = None) -> list[structured.ChannelGroup]:
-    """Channel groups of the model; a ConfigError when it has none (or cannot be traced)."""
-    try:
-        groups = structured.find_channel_groups(model, example, gm)
-    except Exception as exc:
-        raise ConfigError(key, type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
-                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
-    if not groups:
-        raise ConfigError(key, type(model).__name__, "a model with removable channels (Linear/Conv2d "
-                          "outputs feeding one Linear/Conv2d through channel-wise ops)", "has no channel group")
-    return groups
+        validate_settings(self)
+        choice(self.rest, "method.rest", RESTS)
+        choice(self.group_weight, "method.group_weight", GROUP_WEIGHTS)
 
 
 def run(ctx: TrainContext, cfg: Config) -> PruneResult:

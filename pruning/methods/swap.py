@@ -76,9 +76,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pruning.errors import ConfigError, choice
+from pruning.errors import ConfigError, choice, integer, number, require
 from pruning.methods.base import PruneResult, PruningProblem
-from pruning.methods.lr import regression_problem, solve_info
 from pruning.sparse_regression import (
     DIRECTIONS,
     DensePlan,
@@ -87,10 +86,10 @@ from pruning.sparse_regression import (
     Plan,
     SolverConfig,
     UniformPlan,
+    regression_problem,
     solve,
+    solve_info,
 )
-
-NEEDS_GRADIENTS = True
 
 SINKHORN_METHODS = ("auto", "sinkhorn", "stabilized", "sinkhorn_log")
 PLANS = ("ot", "identity")
@@ -116,16 +115,14 @@ class Config(SolverConfig):
     def validate(self) -> None:
         super().validate()
         eps = self.epsilon
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or math.isnan(eps) or eps < 0:
-            raise ConfigError("method.epsilon", eps, "a number >= 0, or inf")
+        require(not isinstance(eps, bool) and isinstance(eps, int | float) and not math.isnan(eps) and eps >= 0,
+                "method.epsilon", eps, "a number >= 0, or inf")
         choice(self.epsilon_units, "method.epsilon_units", EPSILON_UNITS)
         choice(self.direction, "method.direction", DIRECTIONS)
         choice(self.plan, "method.plan", PLANS)
         choice(self.sinkhorn_method, "method.sinkhorn_method", SINKHORN_METHODS)
-        if not isinstance(self.sinkhorn_max_iter, int) or self.sinkhorn_max_iter < 1:
-            raise ConfigError("method.sinkhorn_max_iter", self.sinkhorn_max_iter, "an integer >= 1")
-        if not self.sinkhorn_tol > 0:
-            raise ConfigError("method.sinkhorn_tol", self.sinkhorn_tol, "a number > 0")
+        integer(self.sinkhorn_max_iter, "method.sinkhorn_max_iter", lo=1)
+        number(self.sinkhorn_tol, "method.sinkhorn_tol", lo=0.0, lo_open=True, allowed="a number > 0", fractions=False)
 
 
 # ------------------------------------------------------------------------------- transport plans

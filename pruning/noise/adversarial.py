@@ -43,16 +43,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from pruning.errors import ConfigError, choice
+from pruning.errors import choice, flag, integer, number, numbers
 from pruning.noise import (
     NoiseModel,
     apply_to,
     draw_normal,
     draw_uniform,
-    integer,
     metric_number,
-    number,
-    numbers,
     parse_config,
 )
 from pruning.train import evaluate as evaluate_model
@@ -148,10 +145,9 @@ class Config:
     chunk_size: int = 256                    # examples attacked at once (memory)
 
     def validate(self) -> Config:
-        if not isinstance(self.random_start, bool):
-            raise ConfigError("noise.random_start", self.random_start, "true, false")
         return dataclasses.replace(
             self,
+            random_start=flag(self.random_start, "noise.random_start"),
             attack=choice(self.attack, "noise.attack", ATTACKS),
             norm=choice(self.norm, "noise.norm", NORMS),
             eps=number(self.eps, "noise.eps", lo=0.0),

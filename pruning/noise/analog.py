@@ -55,16 +55,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pruning.errors import ConfigError, choice
+from pruning.errors import choice, flag, integer, number, numbers, require
 from pruning.layout import ParamLayout, get_flat, set_flat
 from pruning.noise import (
     NoiseModel,
     apply_to,
     draw_normal,
-    integer,
     metric_number,
-    number,
-    numbers,
     parse_config,
 )
 from pruning.train import evaluate as evaluate_model
@@ -94,8 +91,7 @@ class PCMParams:
     def validate(self, prefix: str = "noise.pcm") -> PCMParams:
         def pair(v: Any, key: str) -> tuple[float, float]:
             vals = numbers(v, f"{prefix}.{key}")
-            if len(vals) != 2:
-                raise ConfigError(f"{prefix}.{key}", v, "a list of two numbers")
+            require(len(vals) == 2, f"{prefix}.{key}", v, "a list of two numbers")
             return (vals[0], vals[1])
 
         out = PCMParams(
@@ -114,8 +110,7 @@ class PCMParams:
             read_q_max=number(self.read_q_max, f"{prefix}.read_q_max", lo=0.0),
             g_clip=number(self.g_clip, f"{prefix}.g_clip", lo=0.0, lo_open=True),
         )
-        if out.g_min >= out.g_max:
-            raise ConfigError(f"{prefix}.g_min", out.g_min, f"a number below g_max={out.g_max}")
+        require(out.g_min < out.g_max, f"{prefix}.g_min", out.g_min, f"a number below g_max={out.g_max}")
         return out
 
 
@@ -264,10 +259,9 @@ class Config:
     pcm: PCMParams = field(default_factory=PCMParams)
 
     def validate(self) -> Config:
-        if not isinstance(self.respect_mask, bool):
-            raise ConfigError("noise.respect_mask", self.respect_mask, "true, false")
         return dataclasses.replace(
             self,
+            respect_mask=flag(self.respect_mask, "noise.respect_mask"),
             apply_to=apply_to(self.apply_to, "noise.apply_to"),
             n_draws=integer(self.n_draws, "noise.n_draws", lo=1),
             t_inference=numbers(self.t_inference, "noise.t_inference", lo=0.0),

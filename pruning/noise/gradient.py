@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pruning.errors import choice
-from pruning.noise import NoiseModel, draw_normal, number, parse_config
+from pruning.errors import choice, number
+from pruning.noise import NoiseModel, draw_normal, parse_config
 
 GRANULARITIES = ("entry", "sample")
 REFERENCES = ("per_sample_std", "global_std", "rms")
