@@ -196,6 +196,8 @@ def _compose_base(overrides: Sequence[str], flags: Mapping[str, str]) -> Any:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
+    import pruning.hydra_conf  # noqa: F401 (conf/method and conf/noise compose from its nodes)
+
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     picks = []
     for ov in overrides:

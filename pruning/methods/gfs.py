@@ -64,24 +64,26 @@ BUDGETS = ("accuracy", "width", "flops", "params")
 
 @dataclass(frozen=True)
 class Config:
-    budget: str = "accuracy"           # accuracy | width | flops | params (see the module docstring)
-    top1_tol: float = 0.02             # accuracy: stop at >= (1 - tol) of the layer's initial top-1
-    skip_eval_converge: float = 0.05   # accuracy: check the eval subset once batch top-1 >= (1 - this) init
-    width: float = 0.5                 # width: fraction of channels kept in every layer
-    flops_ratio: float = 0.5           # flops: MACs kept / dense MACs
-    batch_size: int = 128              # scoring mini-batch
-    num_evaluate: int = 50             # candidates scored per step
-    eval_size: int = 1024              # eval-train subset (every k-th calibration example)
-    candidate_chunk: int = 0           # candidates per batched forward (0 = all at once)
-    layers: Any = None                 # globs over group names (producer modules); null = every group
-    layer_finetune_epochs: float = 0.1
-    final_finetune_epochs: float = 0.0
+    """Defaults: the reference mobile2_prune.py."""
+
+    budget: str = "accuracy"           # accuracy (top1_tol) | width | flops (flops_ratio) | params (run's sparsity)
+    top1_tol: float = 0.02             # accuracy: stop at top-1 >= (1 - tol) x the layer's initial top-1 (eval subset)
+    skip_eval_converge: float = 0.05   # accuracy: evaluate the subset only once the batch top-1 is within this
+    width: float = 0.5                 # width: fraction of channels kept per layer
+    flops_ratio: float = 0.5           # flops: MACs kept / dense MACs (uniform width ratio found by bisection)
+    batch_size: int = 128              # fresh scoring mini-batch per greedy step
+    num_evaluate: int = 50             # random candidates scored per step (one batched forward of the suffix)
+    eval_size: int = 1024              # eval-train subset for the accuracy rule (every k-th calibration example)
+    candidate_chunk: int = 0           # candidates per batched forward (0 = all; lower it to save memory)
+    layers: Any = None                 # globs over group names (producer modules), e.g. ["net.layer*.conv1"]; null = all
+    layer_finetune_epochs: float = 0.1  # SGD after each layer (fraction of an epoch; 0 = none)
+    final_finetune_epochs: float = 0.0  # SGD at the end (the finetune group can also do this)
     lr: float = 2.5e-3
     momentum: float = 0.0
     weight_decay: float = 4e-5
     finetune_batch_size: int = 128
-    shrink: bool = True
-    noise_hooks: bool = True
+    shrink: bool = True                # true: physically smaller model; false: same shapes, removed channels masked
+    noise_hooks: bool = True           # scoring under the input/weight hooks; fine-tuning under all hooks
 
     def validate(self) -> None:
         choice(self.budget, "method.budget", BUDGETS)

@@ -51,7 +51,7 @@ SCOPES = ("all", "prunable")
 
 @dataclass(frozen=True)
 class Config(DualAveragingSettings):
-    scope: str = "all"           # all (reference: every parameter) | prunable
+    scope: str = "all"           # all (reference: every parameter, BN and bias) | prunable
 
     def validate(self) -> None:
         validate_settings(self)

@@ -54,9 +54,13 @@ class Config(SolverConfig):
     """The solver knobs of `pruning.sparse_regression.SolverConfig` (defaults: CHITA's, lam = 0.01),
     with CHITA's zero-column drop, conjugate steps on a fixed support and the final backsolve on."""
 
-    drop_zero_columns: bool = True   # CHITA Active_IHTCDLS_PP: all-zero columns are pruned for free
-    support_steps: str = "cg"        # converges on ftol (steepest descent on a support hits max_iter)
-    finish: str = "backsolve"        # exact ridge minimiser on the final support (CHITA Heuristic_LS)
+    # CHITA Active_IHTCDLS_PP: all-zero columns of G are pruned for free (swap keeps them: false)
+    drop_zero_columns: bool = True
+    # cg: conjugate steps while the support is fixed, stops on ftol (steepest descent on a support hits
+    # max_iter) | gradient (CHITA, swap)
+    support_steps: str = "cg"
+    # backsolve: exact ridge minimiser on the final support (CHITA Heuristic_LS) | none
+    finish: str = "backsolve"
 
 
 def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:

@@ -18,7 +18,7 @@ SCOPES = ("global", "layerwise")
 
 @dataclass(frozen=True)
 class Config:
-    scope: str = "global"
+    scope: str = "global"   # global (one threshold over all prunable tensors) | layerwise
 
     def validate(self) -> None:
         choice(self.scope, "method.scope", SCOPES)

@@ -27,7 +27,7 @@ Design choices (documented because the paper's own could not be checked):
     flat subspace); the asymptotic argument of gRDA carries over to the group penalty because the
     update is the proximal step of a separable convex penalty.
 
-Default c = 0.1 (conf/method/sdprun.yaml; lr 0.1, mu 0.55, 10 epochs, batch 64): gRDA's c = 0.005
+Default c = 0.1 (`Config.c`; lr 0.1, mu 0.55, 10 epochs, batch 64): gRDA's c = 0.005
 leaves every channel on the embedded digits MLP (the threshold g(n, gamma) ~ 0.009 is far below the
 groups' RMS). Measured there (one seed, channel sparsity / accuracy, dense 0.975): c = 0.005: 0 /
 0.975; 0.05: 0.07 / 0.969; 0.1: 0.35 / 0.928; 0.2: 0.99 / 0.10. 0.1 is the largest of these that
@@ -60,9 +60,12 @@ GROUP_WEIGHTS = ("sqrt_size", "one")
 
 @dataclass(frozen=True)
 class Config(DualAveragingSettings):
-    rest: str = "none"               # params outside channel groups: none (SGD step) | l1 (gRDA threshold)
-    group_weight: str = "sqrt_size"  # sqrt_size (sqrt(|G|)) | one
-    shrink: bool = True              # physically remove the dead channels
+    # removes channels with the other defaults: on the digits MLP 35 % (68 of 192, acc 0.928 vs dense
+    # 0.975); c = 0.005 (gRDA's) removed none, 0.05 removed 7 %, 0.2 all but 2 (see the docstring)
+    c: float = 0.1
+    rest: str = "none"               # parameters outside channel groups: none (SGD step) | l1 (gRDA threshold)
+    group_weight: str = "sqrt_size"  # sqrt_size (group-lasso sqrt(|G|)) | one
+    shrink: bool = True              # true: remove dead channels physically (exact); false: same shapes, masked
 
     def validate(self) -> None:
         validate_settings(self)
