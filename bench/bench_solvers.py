@@ -8,7 +8,7 @@ A stage is what `pruning.task` does per pruning step for these methods: the grad
 (N per-sample gradients at the current weights, `compute_gradient_matrix`) and the method's
 `prune` (lr: CHITA active-set IHT with line search on 1/2||G w_bar - G w||^2 + ridge; swap: the
 Sinkhorn plan of the 1-D squared cost plus the same solver on the EWR objective), one-shot from the
-dense weights to `--sparsity`, with the methods' default configs (conf/method/{lr,swap}.yaml).
+dense weights to `--sparsity`, with the methods' default configs (their `Config` dataclasses).
 
 Models: ResNet-20 (`pruning.models` `resnet20`, the public CIFAR-10 checkpoint from
 ../shared/data when present, else its random initialisation; 267,264 prunable weights) and

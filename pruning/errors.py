@@ -1,4 +1,8 @@
-"""Errors a user can act on: each names the config key, the bad value and what is allowed."""
+"""Errors a user can act on: each names the config key, the bad value and what is allowed.
+
+The one set of checks every config uses (one line each, `key=value problem; allowed: ...`):
+choice, number, integer, numbers, flag, megabytes, require, and unknown_key for a key that does
+not exist (naming the closest one)."""
 
 from __future__ import annotations
 

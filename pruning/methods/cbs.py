@@ -31,7 +31,7 @@ Update (CBS-U) is the exact multi-weight OBS on the dampened block Fisher F = la
 
 computed in the equivalent form delta_I = -w_I, delta_K = F_KK^-1 F_KI w_I over the kept set K
 of each block, with F_KI w_I = (1/N) G_K^T (G_I w_I) and F_KK^-1 by the WoodFisher block inverse
-(the N x N Woodbury form when N < |K|): no |I| x |I| system and no B x B matrix.
+(`pruning.fisher.BlockInverse`, the N x N Woodbury form when N < |K|): no |I| x |I| system and no B x B matrix.
 """
 
 from __future__ import annotations

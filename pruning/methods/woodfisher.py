@@ -3,7 +3,7 @@ Network Compression", NeurIPS 2020 (algorithms.md section 3).
 
 Per block b of the prunable weights (one per tensor, tensors cut into chunks of at most B, or one
 block over everything with `block_size: full`; the default `auto` is full for models of at most
-FULL_BLOCK_MAX weights, as the reference's MLPNet runs), with G_b the N x B columns of the gradient matrix
+`pruning.fisher.FULL_BLOCK_MAX` weights, as the reference's MLPNet runs), with G_b the N x B columns of the gradient matrix
 (columns of already-pruned weights zeroed, as the reference masks its gradients):
 
   dampened empirical Fisher   F_b = lambda I + (1/N) G_b^T G_b                            (WF eq. 3)
@@ -15,9 +15,9 @@ FULL_BLOCK_MAX weights, as the reference's MLPNet runs), with G_b the N x B colu
   pruning update              delta = -c_u F^-1 sum_{q in Q} (w_q / [F^-1]_qq) e_q        (WF eq. 4, summed
                               over the pruned set Q; c_u = update_scale, 0 gives OBD)
 
-When N < B (`inverse: auto`) no B x B matrix is formed: diag(F_b^-1) and F_b^-1 v come from the
-Cholesky factor of the N x N matrix N lambda I + G_b G_b^T, in O(N^2 B + N^3) time and O(N B)
-memory. When N >= B a dense B x B inverse is used (`dense`); `rank1` is the paper's recursion,
+The block algebra is `pruning.fisher` (shared with CBS). When N < B (`inverse: auto`) no B x B
+matrix is formed: diag(F_b^-1) and F_b^-1 v come from the Cholesky factor of the N x N matrix
+N lambda I + G_b G_b^T, in O(N^2 B + N^3) time and O(N B) memory. When N >= B a dense B x B inverse is used (`dense`); `rank1` is the paper's recursion,
 kept as a reference (O(N B^2)). Selection is global (one threshold over all rho, the reference's
 `--woodburry-joint-sparsify`) or layerwise (the same sparsity in every tensor). After the update the
 new mask is applied, so pruned weights are exactly zero (`--zero-after-prune`). The factor and
