@@ -14,9 +14,12 @@ Methods (`METHODS`: config class, entry point, kind, whether the run computes G 
 
 Noise models (`NOISE`: config class, `build(cfg) -> NoiseModel`):
   none         no perturbation
-  gradient     noise on the rows of G: SWAP's entry noise or outlier samples (pruning/noise/gradient.py)
-  analog       phase-change-memory weight noise (aihwkit PCMLikeNoiseModel) (pruning/noise/analog.py)
-  adversarial  FGSM / PGD inputs on the calibration data and/or at evaluation (pruning/noise/adversarial.py)
+  gradient     noise on the rows of G: SWAP's entry noise (You & Cheng, ICLR 2024) or outlier
+               samples (pruning/noise/gradient.py)
+  analog       phase-change-memory weight perturbation: programming noise, drift, read noise
+               (Nandakumar et al., ICECS 2019; aihwkit PCMLikeNoiseModel) (pruning/noise/analog.py)
+  adversarial  FGSM (Goodfellow et al., ICLR 2015) / PGD (Madry et al., ICLR 2018) inputs, on the
+               calibration data and/or at evaluation (pruning/noise/adversarial.py)
 
 Models (`MODELS`: `build(cfg, data) -> nn.Module`, the network inside `pruning.models.Classifier`):
   mlp          small MLP for the embedded digits default                     mlp.py

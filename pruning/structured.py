@@ -172,10 +172,20 @@ def find_channel_groups(model: nn.Module, example: torch.Tensor,
     return groups
 
 
+def traced(model: nn.Module, key: str = "model") -> fx.GraphModule:
+    """`trace(model)`, or a ConfigError naming `key` when torch.fx cannot trace it."""
+    try:
+        return trace(model)
+    except Exception as exc:
+        raise ConfigError(key, type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
+                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
+
+
 def find_groups(model: nn.Module, example: torch.Tensor, key: str = "model",
                 gm: fx.GraphModule | None = None) -> list[ChannelGroup]:
     """Channel groups of the model; a ConfigError when it has none (or cannot be traced)."""
-    try:
+    gm = gm if gm is not None else traced(model, key)
+    try:  # shape propagation runs the model on the example
         groups = find_channel_groups(model, example, gm)
     except Exception as exc:
         raise ConfigError(key, type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",

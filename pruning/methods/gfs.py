@@ -274,11 +274,7 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
     gens = stream_generators(ctx.generator)
     example = example_input(ctx)
     changed = structured.disable_inplace(model)
-    try:
-        gm = structured.trace(model)
-    except Exception as exc:
-        raise ConfigError("model", type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
-                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
+    gm = structured.traced(model)
     groups = find_groups(model, example, gm=gm)
     names = [g.name for g in groups]
     patterns = ["*"] if cfg.layers is None else [cfg.layers] if isinstance(cfg.layers, str) else list(cfg.layers)
