@@ -9,6 +9,7 @@ otherwise (see `pruning.callbacks`).
 import hydra
 from omegaconf import DictConfig
 
+import pruning.hydra_conf  # noqa: F401 (registers the method and noise defaults with Hydra's ConfigStore)
 from pruning.callbacks import multirun_exit_code
 from pruning.config import precheck_cli
 from pruning.task import main as run_task

@@ -46,9 +46,9 @@ from benchlib import RESNET20_CHECKPOINT, PeakRSS  # sibling module of this scri
 from torch import nn
 
 from pruning import gradients
+from pruning.fisher import BlockInverse, fisher_inverse_rank1
 from pruning.gradients import compute_gradient_matrix
 from pruning.layout import ParamLayout, get_params, make_layout
-from pruning.methods.woodfisher import BlockInverse, fisher_inverse_rank1
 
 CHECKPOINT = RESNET20_CHECKPOINT
 

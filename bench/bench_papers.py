@@ -43,10 +43,10 @@ from omegaconf import OmegaConf
 
 from pruning import factor_cache, methods
 from pruning.data import build_dataset
+from pruning.fisher import cached_inverse, masked_block
 from pruning.gradients import compute_gradient_matrix
 from pruning.layout import get_flat, make_layout
 from pruning.methods.base import PruningProblem
-from pruning.methods.woodfisher import cached_inverse, masked_block
 from pruning.models import build_model, load_weights
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -98,9 +98,8 @@ def setup(n: int, device: torch.device) -> tuple[torch.nn.Module, Any, torch.Ten
 
 
 def method_config(name: str, cbs_max_iter: int | None) -> Any:
-    base = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
     extra = OmegaConf.load(STUDY).get("method_args", {}).get(name, {})
-    cfg = OmegaConf.to_container(OmegaConf.merge(base, extra), resolve=True)
+    cfg = OmegaConf.to_container(OmegaConf.create(extra), resolve=True)  # over the Config defaults
     if name == "cbs" and cbs_max_iter is not None:
         cfg["max_iter"] = cbs_max_iter
     return methods.make_config(name, cfg)

@@ -8,7 +8,7 @@ A stage is what `pruning.task` does per pruning step for these methods: the grad
 (N per-sample gradients at the current weights, `compute_gradient_matrix`) and the method's
 `prune` (lr: CHITA active-set IHT with line search on 1/2||G w_bar - G w||^2 + ridge; swap: the
 Sinkhorn plan of the 1-D squared cost plus the same solver on the EWR objective), one-shot from the
-dense weights to `--sparsity`, with the methods' default configs (conf/method/{lr,swap}.yaml).
+dense weights to `--sparsity`, with the methods' default configs (their `Config` dataclasses).
 
 Models: ResNet-20 (`pruning.models` `resnet20`, the public CIFAR-10 checkpoint from
 ../shared/data when present, else its random initialisation; 267,264 prunable weights) and
@@ -30,12 +30,13 @@ repeats). Target: cg stops on ftol at equal or lower Q in at most the time of gr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from typing import Any
 
 import torch
-from benchlib import RESNET20_CHECKPOINT, ROOT, PeakRSS  # sibling module of this script
+from benchlib import RESNET20_CHECKPOINT, PeakRSS  # sibling module of this script
 
 from pruning import methods
 from pruning.data import build_dataset
@@ -73,9 +74,7 @@ def setup(model_name: str, n: int) -> tuple[torch.nn.Module, Any, torch.Tensor, 
 def stage(method: str, model: torch.nn.Module, layout: Any, x: torch.Tensor, y: torch.Tensor,
           sparsity: float, chunk: int) -> dict[str, Any]:
     module = methods.get(method)
-    from omegaconf import OmegaConf
-
-    cfg = methods.make_config(method, OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml"))
+    cfg = methods.make_config(method, {})  # the defaults (its Config dataclass)
     w = get_flat(model, layout)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -145,12 +144,10 @@ CONVERGENCE = {
 
 
 def convergence(model_name: str, n: int, sparsity: float, repeats: int, chunk: int) -> None:
-    from omegaconf import OmegaConf
-
     model, layout, x, y, note = setup(model_name, n)
     G = compute_gradient_matrix(model, layout, x, y, mini_batch=1, chunk_size=chunk)
     w = get_flat(model, layout)
-    base = dict(OmegaConf.load(ROOT / "conf" / "method" / "lr.yaml"))
+    base = dataclasses.asdict(methods.make_config("lr", {}))
     print(f"\nlr convergence, {model_name} ({note}), N = {n}, p = {layout.numel}, sparsity {sparsity}, "
           f"max_iter {base['max_iter']}, ftol {base['ftol']}, min over {repeats} repeat(s)")
     print(f"{'variant':<12}{'iters':>7}{'stop':>10}{'capped':>8}{'Q':>16}{'solve s':>9}")

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pruning.errors import ConfigError, require, unknown_key
+from pruning.errors import ConfigError, choice, flag, integer, require, unknown_key
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -30,6 +30,8 @@ NON_RESULT_KEYS = (
     "calibration.cache", "calibration.stream", "calibration.stream_chunk_mb", "calibration.stream_cols",
     "calibration.resident_mb", "calibration.sub_batch", "calibration.num_workers", "dataset.num_workers", "local", "site",
 )
+TASKS = ("prune", "train")
+SCHEDULES = ("oneshot", "multistage", "gradual")
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
 
@@ -196,6 +198,8 @@ def _compose_base(overrides: Sequence[str], flags: Mapping[str, str]) -> Any:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
+    import pruning.hydra_conf  # noqa: F401 (conf/method and conf/noise compose from its nodes)
+
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     picks = []
     for ov in overrides:
@@ -312,15 +316,14 @@ def validate(cfg: Any) -> None:
         for key in cfg[node].keys():
             if key not in base[node]:
                 raise unknown_key(f"{node}.{key}", cfg[node][key], [f"{node}.{k}" for k in base[node]])
-    require(cfg.task in ("prune", "train"), "task", cfg.task, "prune, train")
+    choice(cfg.task, "task", TASKS)
     s = cfg.sparsity
     require(_is_number(s), "sparsity", s, "a number in [0, 1)", "is not a number")
     require(math.isfinite(float(s)) and 0.0 <= float(s) < 1.0, "sparsity", s, "a number in [0, 1)",
             "is outside [0, 1)")
     require(_is_int(cfg.seed), "seed", cfg.seed, "an integer", "is not an integer")
     for key in ("deterministic", "resume", "fail_fast", "progress"):
-        v = cfg.get(key)
-        require(v is None or isinstance(v, bool), key, v, "true, false")
+        flag(cfg.get(key), key, default=False)  # null means false
     threads = cfg.get("threads")
     require(threads is None or (_is_int(threads) and threads > 0), "threads", threads,
             "null (torch's default; 1 under deterministic=true) or a positive integer")
@@ -330,8 +333,7 @@ def validate(cfg: Any) -> None:
         require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"calibration.{key}", v,
                 "a positive integer", "must be a positive integer")
     if cal.block_size is not None:
-        require(isinstance(cal.block_size, int) and cal.block_size > 0, "calibration.block_size",
-                cal.block_size, "null or a positive integer")
+        integer(cal.block_size, "calibration.block_size", lo=1, allowed="null or a positive integer")
     sub = cal.get("sub_batch")
     require(sub is None or (isinstance(sub, int) and not isinstance(sub, bool) and sub > 0), "calibration.sub_batch",
             sub, "null (the whole mini-batch) or a positive integer")
@@ -339,10 +341,9 @@ def validate(cfg: Any) -> None:
                          ("dataset.num_workers", cfg.dataset.get("num_workers"))):
         require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
                 key, workers, "null or a non-negative integer")
-    require(cfg.schedule.name in ("oneshot", "multistage", "gradual"), "schedule.name",
-            cfg.schedule.name, "oneshot, multistage, gradual")
+    choice(cfg.schedule.name, "schedule.name", SCHEDULES)
     if cfg.schedule.name == "multistage":
         st = cfg.schedule.stages
-        require(isinstance(st, int) and st >= 1, "schedule.stages", st, "a positive integer")
+        integer(st, "schedule.stages", lo=1, allowed="a positive integer")
     ft = cfg.finetune.epochs
-    require(isinstance(ft, int) and ft >= 0, "finetune.epochs", ft, "a non-negative integer")
+    integer(ft, "finetune.epochs", lo=0, allowed="a non-negative integer")

@@ -1,4 +1,8 @@
-"""Errors a user can act on: each names the config key, the bad value and what is allowed."""
+"""Errors a user can act on: each names the config key, the bad value and what is allowed.
+
+The one set of checks every config uses (one line each, `key=value problem; allowed: ...`):
+choice, number, integer, numbers, flag, megabytes, require, and unknown_key for a key that does
+not exist (naming the closest one)."""
 
 from __future__ import annotations
 
@@ -50,15 +54,18 @@ class RunCheckError(RuntimeError):
     the target): recorded as failed and reported as one line, never as a traceback."""
 
 
-def number(value: Any, key: str, lo: float | None = None, hi: float | None = None,
-           lo_open: bool = False) -> float:
-    """A float from a number or a fraction string such as "8/255" (handy on the command line)."""
+def number(value: Any, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False, allowed: str | None = None, fractions: bool = True) -> float:
+    """A finite float in [lo, hi] (an open end with `lo_open` / `hi_open`). `fractions`: a string such as "8/255"
+    or "0.5" is read as a number too (handy on the command line; a method's frozen config keeps what
+    it was given, so methods pass False). `allowed` replaces the generated description of the range
+    in the message (the problem is then not named, as in ConfigError's default)."""
     out: float | None = None
     if isinstance(value, bool):
         out = None
     elif isinstance(value, (int, float)):
         out = float(value)
-    elif isinstance(value, str):
+    elif isinstance(value, str) and fractions:
         try:
             if "/" in value:
                 num, den = value.split("/", 1)
@@ -67,17 +74,24 @@ def number(value: Any, key: str, lo: float | None = None, hi: float | None = Non
                 out = float(value)
         except (ValueError, ZeroDivisionError):
             out = None
-    bounds = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+    bounds = (f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, "
+              f"{hi if hi is not None else 'inf'}{')' if hi_open else ']'}")
     if out is None or not math.isfinite(out):
-        raise ConfigError(key, value, f"a number in {bounds} (or a fraction such as 8/255)", "is not a number")
-    if (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and out > hi):
+        if allowed is not None:
+            raise ConfigError(key, value, allowed)
+        raise ConfigError(key, value, f"a number in {bounds}" + (" (or a fraction such as 8/255)" if fractions else ""),
+                          "is not a number")
+    if (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and (out > hi or (hi_open and out == hi))):
+        if allowed is not None:
+            raise ConfigError(key, value, allowed)
         raise ConfigError(key, value, f"a number in {bounds}", "is out of range")
     return out
 
 
-def integer(value: Any, key: str, lo: int = 0) -> int:
+def integer(value: Any, key: str, lo: int = 0, allowed: str | None = None) -> int:
+    """An int >= lo (a bool is not an integer); `allowed` replaces "an integer >= lo" in the message."""
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(key, value, f"an integer >= {lo}")
+        raise ConfigError(key, value, allowed or f"an integer >= {lo}")
     return int(value)
 
 
@@ -87,6 +101,7 @@ def numbers(value: Any, key: str, lo: float | None = None, hi: float | None = No
     if not items:
         raise ConfigError(key, value, "a non-empty list of numbers", "is empty")
     return tuple(number(v, f"{key}[{i}]", lo, hi) for i, v in enumerate(items))
+
 
 def _is_list_config(value: Any) -> bool:
     return type(value).__name__ == "ListConfig"  # omegaconf's list, without importing it in the core

@@ -759,3 +759,27 @@ def nonzero_columns(op: GradientOperator) -> torch.Tensor:
     for pos, cols in op.column_chunks(torch.arange(op.num_cols)):
         out[pos] = (cols != 0).any(0).cpu()
     return out
+
+
+# ------------------------------------------------------------------ the regression lr and swap share
+def regression_problem(problem: Any, sparsity: float, cfg: SolverConfig,
+                       method: str) -> tuple[Any, int, torch.Tensor, torch.Tensor]:
+    """What lr and swap both regress on, from a `pruning.methods.base.PruningProblem`: G (cast to the
+    solver's precision), k = floor((1 - s) p), w_bar and the targets y = G w_bar."""
+    from pruning.layout import num_kept
+
+    if problem.grads is None:
+        raise ConfigError("method", method, "a run that computes the gradient matrix", "needs problem.grads")
+    op = cast_operator(problem.grads, cfg.compute_dtype(problem.grads))
+    k = num_kept(op.num_cols, sparsity)
+    w_bar = problem.w_bar.to(problem.w.device, problem.w.dtype)
+    return op, k, w_bar, op.matvec(w_bar)
+
+
+def solve_info(res: SolveResult, k: int, algorithm: str, seconds: float) -> dict[str, Any]:
+    """The per-stage record of a solve: scalars (recorded in result.json) plus the history."""
+    info: dict[str, Any] = {"objective": res.objective, "objective_start": res.history[0] if res.history else None,
+                            "k": k, "algorithm": algorithm, "solve_seconds": round(seconds, 4),
+                            "history": list(res.history)}
+    info.update({key: v for key, v in res.info.items() if isinstance(v, int | float | str | bool)})
+    return info

@@ -16,6 +16,8 @@ BN affine parameters are zero is exactly zero at the consumer.
 
 Operations:
   find_channel_groups(model, example)    the groups, in forward order
+  find_groups(model, example)            the same, a ConfigError when there are none (sDprun, GFS)
+  example_input(ctx)                     one calibration example on the run's device, for tracing
   ChannelMasker                          per-group channel scales applied to the consumer's input
                                          (forward pre-hooks): GFS's alpha-mask
   shrink(model, groups, keep, scale)     a physically smaller copy (scale folded into the consumer)
@@ -40,6 +42,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from pruning import flops
+from pruning.errors import ConfigError
 from pruning.layout import ParamLayout, make_layout
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU,
@@ -167,6 +170,37 @@ def find_channel_groups(model: nn.Module, example: torch.Tensor,
                                    consumer=cnode.target, size=width, input_node=inp.name,
                                    consumer_node=cnode.name))
     return groups
+
+
+def traced(model: nn.Module, key: str = "model") -> fx.GraphModule:
+    """`trace(model)`, or a ConfigError naming `key` when torch.fx cannot trace it."""
+    try:
+        return trace(model)
+    except Exception as exc:
+        raise ConfigError(key, type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
+                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
+
+
+def find_groups(model: nn.Module, example: torch.Tensor, key: str = "model",
+                gm: fx.GraphModule | None = None) -> list[ChannelGroup]:
+    """Channel groups of the model; a ConfigError when it has none (or cannot be traced)."""
+    gm = gm if gm is not None else traced(model, key)
+    try:  # shape propagation runs the model on the example
+        groups = find_channel_groups(model, example, gm)
+    except Exception as exc:
+        raise ConfigError(key, type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
+                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
+    if not groups:
+        raise ConfigError(key, type(model).__name__, "a model with removable channels (Linear/Conv2d "
+                          "outputs feeding one Linear/Conv2d through channel-wise ops)", "has no channel group")
+    return groups
+
+
+def example_input(ctx: Any) -> torch.Tensor:
+    """One calibration example, batch of 1, on the run's device (for tracing and FLOPs), from a
+    train-time method's context (`ctx.data.calib`, `ctx.device`)."""
+    x = ctx.data.calib[0][0]
+    return torch.as_tensor(x).unsqueeze(0).to(ctx.device)
 
 
 def _width_of(m: nn.Module) -> int:

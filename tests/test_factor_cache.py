@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning import factor_cache, methods
+from pruning import factor_cache, fisher, methods
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout
 from pruning.methods import cbs, woodfisher
@@ -61,8 +61,8 @@ def test_woodfisher_reuse_is_bit_identical(tmp_path):
     for s, res in ((0.5, first), (0.9, second)):
         assert torch.equal(res.w, fresh[s].w) and torch.equal(res.mask, fresh[s].mask)
     # the cached path equals the plain block inverse (no cache) to rounding
-    inv = woodfisher.BlockInverse(G.dense().double(), 1e-5)
-    assert torch.allclose(woodfisher.cached_inverse(G, slice(0, LAYOUT.numel), torch.ones(150, dtype=torch.bool),
+    inv = fisher.BlockInverse(G.dense().double(), 1e-5)
+    assert torch.allclose(fisher.cached_inverse(G, slice(0, LAYOUT.numel), torch.ones(150, dtype=torch.bool),
                                                     1e-5, "auto", torch.device("cpu"), torch.float64,
                                                     factor_cache.CacheStats())[1], inv.diag(), rtol=1e-10)
 
@@ -120,7 +120,7 @@ def test_other_damp_or_mask_misses(tmp_path):
     assert other.info["factor_cache"] == "miss"
     # the Gram matrix does not depend on damp: reused
     sl, ones = slice(0, LAYOUT.numel), torch.ones(LAYOUT.numel, dtype=torch.bool)
-    Gb = woodfisher.masked_block(G, sl, ones, torch.device("cpu"), torch.float64)
+    Gb = fisher.masked_block(G, sl, ones, torch.device("cpu"), torch.float64)
     factor_cache.gram(G, Gb, sl, ones, stats)
     assert stats.status == {"gram": ["hit"]}
     mask = ones.clone()
@@ -128,7 +128,7 @@ def test_other_damp_or_mask_misses(tmp_path):
     res = wf(G, 0.6, mask=mask, damp=1e-3)
     assert res.info["factor_cache"] == "miss"
     assert not bool(res.mask[~mask].any())
-    Gm = woodfisher.masked_block(G, sl, mask, torch.device("cpu"), torch.float64)
+    Gm = fisher.masked_block(G, sl, mask, torch.device("cpu"), torch.float64)
     stats = factor_cache.CacheStats()
     factor_cache.gram(G, Gm, sl, mask, stats)
     assert stats.status == {"gram": ["hit"]}  # the masked run stored its own

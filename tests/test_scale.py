@@ -159,7 +159,7 @@ MEMORY_PROBE = textwrap.dedent("""
     from torch import nn
     from pruning.gradients import compute_gradient_matrix, release_heap
     from pruning.layout import make_layout
-    from pruning.methods.woodfisher import BlockInverse, masked_block
+    from pruning.fisher import BlockInverse, masked_block
 
     def hwm():
         for line in open("/proc/self/status"):

@@ -12,17 +12,11 @@ import torch
 
 from pruning import methods
 from pruning.errors import ConfigError
+from pruning.fisher import FULL_BLOCK_MAX, BlockInverse, fisher_inverse_rank1, method_blocks
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, num_kept
 from pruning.methods.base import PruningProblem
-from pruning.methods.woodfisher import (
-    FULL_BLOCK_MAX,
-    BlockInverse,
-    Config,
-    fisher_inverse_rank1,
-    method_blocks,
-    prune,
-)
+from pruning.methods.woodfisher import Config, prune
 from pruning.task import run
 
 

@@ -1,14 +1,8 @@
 """Datasets. Every loader returns a `DataBundle` whose images are in pixel space [0, 1]
 (normalisation lives inside the model, so attacks and clipping work on real pixels).
 
-Registry keys (config group `dataset`, conf/dataset/<key>.yaml; each module has
-`load(cfg, data_dir) -> DataBundle`):
-  digits     scikit-learn's bundled 8x8 handwritten digits (no download)        digits.py
-  synthetic  generated Gaussian-prototype classification data (fixed seed)      synthetic.py
-  mnist      MNIST via torchvision (<data_dir>/MNIST/raw/*-ubyte)                mnist.py
-  cifar10    CIFAR-10 via torchvision (<data_dir>/cifar-10-batches-py/)         cifar.py
-  cifar100   CIFAR-100 via torchvision (<data_dir>/cifar-100-python/)           cifar.py
-  imagenet   ImageNet in ImageFolder layout (<data_dir>/imagenet/{train,val}/<wnid>/*)  imagenet.py
+Keys (config group `dataset`, conf/dataset/<key>.yaml): `pruning.registry.DATASETS`, each a module's
+`load(cfg, data_dir) -> DataBundle`.
 
 On-disk datasets live under `paths.data_dir` (env PRUNING_DATA_DIR); `dataset.download=true`
 lets torchvision fetch MNIST/CIFAR there. A missing dataset is a `ConfigError` that says where
@@ -17,7 +11,6 @@ it looked and how to obtain the data.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pruning.errors import ConfigError
-
-_MODULES = {
-    "digits": "pruning.data.digits",
-    "synthetic": "pruning.data.synthetic",
-    "mnist": "pruning.data.mnist",
-    "cifar10": "pruning.data.cifar",
-    "cifar100": "pruning.data.cifar",
-    "imagenet": "pruning.data.imagenet",
-}
+from pruning.registry import DATASETS
 
 
 @dataclass
@@ -54,16 +39,15 @@ class DataBundle:
 
 
 def available() -> list[str]:
-    return sorted(_MODULES)
+    return sorted(DATASETS)
 
 
 def build_dataset(cfg: Mapping[str, Any], data_dir: str | Path | None = None) -> DataBundle:
     """Build the dataset named by `cfg["name"]`; the module's `load(cfg, data_dir)` does the work."""
     name = cfg["name"]
-    if name not in _MODULES:
+    if name not in DATASETS:
         raise ConfigError("dataset", name, ", ".join(available()))
-    module = importlib.import_module(_MODULES[name])
-    return module.load(cfg, Path(data_dir) if data_dir is not None else None)
+    return DATASETS[name].load()(cfg, Path(data_dir) if data_dir is not None else None)
 
 
 class ImageTensorDataset(Dataset):

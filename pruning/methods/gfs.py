@@ -53,62 +53,53 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from pruning import flops, structured
-from pruning.errors import ConfigError, choice
+from pruning.errors import ConfigError, choice, integer, number
 from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
-from pruning.methods.grda import example_input
-from pruning.methods.sdprun import find_groups
 from pruning.optim import generators_state, load_generators_state, stream_generators, train_loop
+from pruning.structured import example_input, find_groups
 from pruning.train import evaluate
 
-KIND = "train"
-NEEDS_GRADIENTS = False
 BUDGETS = ("accuracy", "width", "flops", "params")
 
 
 @dataclass(frozen=True)
 class Config:
-    budget: str = "accuracy"           # accuracy | width | flops | params (see the module docstring)
-    top1_tol: float = 0.02             # accuracy: stop at >= (1 - tol) of the layer's initial top-1
-    skip_eval_converge: float = 0.05   # accuracy: check the eval subset once batch top-1 >= (1 - this) init
-    width: float = 0.5                 # width: fraction of channels kept in every layer
-    flops_ratio: float = 0.5           # flops: MACs kept / dense MACs
-    batch_size: int = 128              # scoring mini-batch
-    num_evaluate: int = 50             # candidates scored per step
-    eval_size: int = 1024              # eval-train subset (every k-th calibration example)
-    candidate_chunk: int = 0           # candidates per batched forward (0 = all at once)
-    layers: Any = None                 # globs over group names (producer modules); null = every group
-    layer_finetune_epochs: float = 0.1
-    final_finetune_epochs: float = 0.0
+    """Defaults: the reference mobile2_prune.py."""
+
+    budget: str = "accuracy"           # accuracy (top1_tol) | width | flops (flops_ratio) | params (run's sparsity)
+    top1_tol: float = 0.02             # accuracy: stop at top-1 >= (1 - tol) x the layer's initial top-1 (eval subset)
+    skip_eval_converge: float = 0.05   # accuracy: evaluate the subset only once the batch top-1 is within this
+    width: float = 0.5                 # width: fraction of channels kept per layer
+    flops_ratio: float = 0.5           # flops: MACs kept / dense MACs (uniform width ratio found by bisection)
+    batch_size: int = 128              # fresh scoring mini-batch per greedy step
+    num_evaluate: int = 50             # random candidates scored per step (one batched forward of the suffix)
+    eval_size: int = 1024              # eval-train subset for the accuracy rule (every k-th calibration example)
+    candidate_chunk: int = 0           # candidates per batched forward (0 = all; lower it to save memory)
+    layers: Any = None                 # globs over group names (producer modules), e.g. ["net.layer*.conv1"]; null = all
+    layer_finetune_epochs: float = 0.1  # SGD after each layer (fraction of an epoch; 0 = none)
+    final_finetune_epochs: float = 0.0  # SGD at the end (the finetune group can also do this)
     lr: float = 2.5e-3
     momentum: float = 0.0
     weight_decay: float = 4e-5
     finetune_batch_size: int = 128
-    shrink: bool = True
-    noise_hooks: bool = True
+    shrink: bool = True                # true: physically smaller model; false: same shapes, removed channels masked
+    noise_hooks: bool = True           # scoring under the input/weight hooks; fine-tuning under all hooks
 
     def validate(self) -> None:
         choice(self.budget, "method.budget", BUDGETS)
         for key in ("top1_tol", "skip_eval_converge"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ConfigError(f"method.{key}", v, "a number in [0, 1)")
+            number(getattr(self, key), f"method.{key}", lo=0.0, hi=1.0, hi_open=True,
+                   allowed="a number in [0, 1)", fractions=False)
         for key in ("width", "flops_ratio"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-                raise ConfigError(f"method.{key}", v, "a number in (0, 1]")
+            number(getattr(self, key), f"method.{key}", lo=0.0, lo_open=True, hi=1.0,
+                   allowed="a number in (0, 1]", fractions=False)
         for key in ("batch_size", "num_evaluate", "eval_size", "finetune_batch_size"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"method.{key}", v, "a positive integer")
-        if not isinstance(self.candidate_chunk, int) or self.candidate_chunk < 0:
-            raise ConfigError("method.candidate_chunk", self.candidate_chunk, "an integer >= 0 (0 = all)")
+            integer(getattr(self, key), f"method.{key}", lo=1, allowed="a positive integer")
+        integer(self.candidate_chunk, "method.candidate_chunk", lo=0, allowed="an integer >= 0 (0 = all)")
         for key in ("layer_finetune_epochs", "final_finetune_epochs", "momentum", "weight_decay"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"method.{key}", v, "a number >= 0")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ConfigError("method.lr", self.lr, "a number > 0")
+            number(getattr(self, key), f"method.{key}", lo=0.0, allowed="a number >= 0", fractions=False)
+        number(self.lr, "method.lr", lo=0.0, lo_open=True, allowed="a number > 0", fractions=False)
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -284,11 +275,7 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
     gens = stream_generators(ctx.generator)
     example = example_input(ctx)
     changed = structured.disable_inplace(model)
-    try:
-        gm = structured.trace(model)
-    except Exception as exc:
-        raise ConfigError("model", type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
-                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
+    gm = structured.traced(model)
     groups = find_groups(model, example, gm=gm)
     names = [g.name for g in groups]
     patterns = ["*"] if cfg.layers is None else [cfg.layers] if isinstance(cfg.layers, str) else list(cfg.layers)

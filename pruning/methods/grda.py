@@ -39,81 +39,23 @@ import torch
 from torch import nn
 
 from pruning import structured
-from pruning.errors import ConfigError
+from pruning.dual_averaging import DualAveragingSettings, reinit, validate_settings
+from pruning.errors import choice
 from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
 from pruning.optim import GRDA, stream_generators, train_loop
+from pruning.structured import example_input
 
-KIND = "train"
-NEEDS_GRADIENTS = False
-
-
-def _positive(value: Any, key: str, strict: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 if strict else value >= 0)
-    if not ok:
-        raise ConfigError(key, value, "a number > 0" if strict else "a number >= 0")
-
-
-def validate_common(cfg: Any, prefix: str = "method") -> None:
-    """Checks shared by grda and sdprun."""
-    _positive(cfg.lr, f"{prefix}.lr")
-    _positive(cfg.c, f"{prefix}.c", strict=False)
-    if not isinstance(cfg.mu, (int, float)) or isinstance(cfg.mu, bool) or not 0.0 <= cfg.mu < 1.0:
-        raise ConfigError(f"{prefix}.mu", cfg.mu, "a number in [0, 1) (0.5 < mu < 1 in the paper)")
-    if not isinstance(cfg.epochs, (int, float)) or isinstance(cfg.epochs, bool) or cfg.epochs < 0:
-        raise ConfigError(f"{prefix}.epochs", cfg.epochs, "a number >= 0 (fractions run part of an epoch)")
-    if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size <= 0:
-        raise ConfigError(f"{prefix}.batch_size", cfg.batch_size, "a positive integer")
-    _positive(cfg.lr_gamma, f"{prefix}.lr_gamma")
-    ms = list(cfg.lr_milestones or [])
-    if any(not isinstance(m, int) or isinstance(m, bool) or m < 0 for m in ms):
-        raise ConfigError(f"{prefix}.lr_milestones", ms, "a list of epoch numbers (integers >= 0)")
-    if cfg.init not in ("pretrained", "scratch"):
-        raise ConfigError(f"{prefix}.init", cfg.init, "pretrained, scratch")
-
-
-@dataclass(frozen=True)
-class DualAveragingSettings:
-    """The gRDA settings shared by grda and sdprun (sdprun is gRDA with a group threshold)."""
-
-    lr: float = 0.1
-    c: float = 0.005
-    mu: float = 0.55
-    epochs: float = 10
-    batch_size: int = 64
-    lr_milestones: Any = ()      # epochs at which lr is multiplied by lr_gamma
-    lr_gamma: float = 0.1
-    init: str = "pretrained"     # pretrained (continue from the dense model) | scratch
-    noise_hooks: bool = True     # apply the run's noise hooks to every training step
+SCOPES = ("all", "prunable")
 
 
 @dataclass(frozen=True)
 class Config(DualAveragingSettings):
-    scope: str = "all"           # all (reference: every parameter) | prunable
+    scope: str = "all"           # all (reference: every parameter, BN and bias) | prunable
 
     def validate(self) -> None:
-        validate_common(self)
-        if self.scope not in ("all", "prunable"):
-            raise ConfigError("method.scope", self.scope, "all, prunable")
-
-
-def example_input(ctx: TrainContext) -> torch.Tensor:
-    """One calibration example, batch of 1, on the run's device (for tracing and FLOPs)."""
-    x = ctx.data.calib[0][0]
-    return torch.as_tensor(x).unsqueeze(0).to(ctx.device)
-
-
-def reinit(model: nn.Module, gen: torch.Generator) -> None:
-    """Fresh initialisation of every module with `reset_parameters`, seeded from `gen`."""
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen).item())
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for m in model.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-    finally:
-        torch.random.set_rng_state(state)
+        validate_settings(self)
+        choice(self.scope, "method.scope", SCOPES)
 
 
 def channel_groups_or_none(model: nn.Module, example: torch.Tensor) -> list[structured.ChannelGroup]:

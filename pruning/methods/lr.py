@@ -44,16 +44,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
-from pruning.errors import ConfigError
-from pruning.layout import num_kept
 from pruning.methods.base import PruneResult, PruningProblem
-from pruning.sparse_regression import IdentityPlan, SolverConfig, SolveResult, cast_operator, solve
-
-NEEDS_GRADIENTS = True
+from pruning.sparse_regression import IdentityPlan, SolverConfig, regression_problem, solve, solve_info
 
 
 @dataclass(frozen=True)
@@ -61,29 +54,13 @@ class Config(SolverConfig):
     """The solver knobs of `pruning.sparse_regression.SolverConfig` (defaults: CHITA's, lam = 0.01),
     with CHITA's zero-column drop, conjugate steps on a fixed support and the final backsolve on."""
 
-    drop_zero_columns: bool = True   # CHITA Active_IHTCDLS_PP: all-zero columns are pruned for free
-    support_steps: str = "cg"        # converges on ftol (steepest descent on a support hits max_iter)
-    finish: str = "backsolve"        # exact ridge minimiser on the final support (CHITA Heuristic_LS)
-
-
-def solve_info(res: SolveResult, k: int, algorithm: str, seconds: float) -> dict[str, Any]:
-    """The per-stage record of a solve: scalars (recorded in result.json) plus the history."""
-    info: dict[str, Any] = {"objective": res.objective, "objective_start": res.history[0] if res.history else None,
-                            "k": k, "algorithm": algorithm, "solve_seconds": round(seconds, 4),
-                            "history": list(res.history)}
-    info.update({key: v for key, v in res.info.items() if isinstance(v, int | float | str | bool)})
-    return info
-
-
-def regression_problem(problem: PruningProblem, sparsity: float, cfg: SolverConfig,
-                       method: str) -> tuple[Any, int, torch.Tensor, torch.Tensor]:
-    """What lr and swap both regress on: G (cast to the solver's precision), k, w_bar and y = G w_bar."""
-    if problem.grads is None:
-        raise ConfigError("method", method, "a run that computes the gradient matrix", "needs problem.grads")
-    op = cast_operator(problem.grads, cfg.compute_dtype(problem.grads))
-    k = num_kept(op.num_cols, sparsity)
-    w_bar = problem.w_bar.to(problem.w.device, problem.w.dtype)
-    return op, k, w_bar, op.matvec(w_bar)
+    # CHITA Active_IHTCDLS_PP: all-zero columns of G are pruned for free (swap keeps them: false)
+    drop_zero_columns: bool = True
+    # cg: conjugate steps while the support is fixed, stops on ftol (steepest descent on a support hits
+    # max_iter) | gradient (CHITA, swap)
+    support_steps: str = "cg"
+    # backsolve: exact ridge minimiser on the final support (CHITA Heuristic_LS) | none
+    finish: str = "backsolve"
 
 
 def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pruning.errors import ConfigError
+from pruning.errors import choice
 from pruning.layout import select_mask
 from pruning.methods.base import PruneResult, PruningProblem
 
-NEEDS_GRADIENTS = False
+SCOPES = ("global", "layerwise")
 
 
 @dataclass(frozen=True)
 class Config:
-    scope: str = "global"
+    scope: str = "global"   # global (one threshold over all prunable tensors) | layerwise
 
     def validate(self) -> None:
-        if self.scope not in ("global", "layerwise"):
-            raise ConfigError("method.scope", self.scope, "global, layerwise")
+        choice(self.scope, "method.scope", SCOPES)
 
 
 def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:

@@ -27,7 +27,7 @@ Design choices (documented because the paper's own could not be checked):
     flat subspace); the asymptotic argument of gRDA carries over to the group penalty because the
     update is the proximal step of a separable convex penalty.
 
-Default c = 0.1 (conf/method/sdprun.yaml; lr 0.1, mu 0.55, 10 epochs, batch 64): gRDA's c = 0.005
+Default c = 0.1 (`Config.c`; lr 0.1, mu 0.55, 10 epochs, batch 64): gRDA's c = 0.005
 leaves every channel on the embedded digits MLP (the threshold g(n, gamma) ~ 0.009 is far below the
 groups' RMS). Measured there (one seed, channel sparsity / accuracy, dense 0.975): c = 0.005: 0 /
 0.975; 0.05: 0.07 / 0.969; 0.1: 0.35 / 0.928; 0.2: 0.99 / 0.10. 0.1 is the largest of these that
@@ -47,41 +47,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from pruning import structured
-from pruning.errors import ConfigError
+from pruning.dual_averaging import DualAveragingSettings, reinit, validate_settings
+from pruning.errors import choice
 from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
-from pruning.methods.grda import DualAveragingSettings, example_input, reinit, validate_common
 from pruning.optim import GRDA, stream_generators, train_loop
+from pruning.structured import example_input, find_groups
 
-KIND = "train"
-NEEDS_GRADIENTS = False
+RESTS = ("none", "l1")
+GROUP_WEIGHTS = ("sqrt_size", "one")
 
 
 @dataclass(frozen=True)
 class Config(DualAveragingSettings):
-    rest: str = "none"               # params outside channel groups: none (SGD step) | l1 (gRDA threshold)
-    group_weight: str = "sqrt_size"  # sqrt_size (sqrt(|G|)) | one
-    shrink: bool = True              # physically remove the dead channels
+    # removes channels with the other defaults: on the digits MLP 35 % (68 of 192, acc 0.928 vs dense
+    # 0.975); c = 0.005 (gRDA's) removed none, 0.05 removed 7 %, 0.2 all but 2 (see the docstring)
+    c: float = 0.1
+    rest: str = "none"               # parameters outside channel groups: none (SGD step) | l1 (gRDA threshold)
+    group_weight: str = "sqrt_size"  # sqrt_size (group-lasso sqrt(|G|)) | one
+    shrink: bool = True              # true: remove dead channels physically (exact); false: same shapes, masked
 
     def validate(self) -> None:
-        validate_common(self)
-        if self.rest not in ("none", "l1"):
-            raise ConfigError("method.rest", self.rest, "none, l1")
-        if self.group_weight not in ("sqrt_size", "one"):
-            raise ConfigError("method.group_weight", self.group_weight, "sqrt_size, one")
-
-
-def find_groups(model: Any, example: Any, key: str = "model", gm: Any = None) -> list[structured.ChannelGroup]:
-    """Channel groups of the model; a ConfigError when it has none (or cannot be traced)."""
-    try:
-        groups = structured.find_channel_groups(model, example, gm)
-    except Exception as exc:
-        raise ConfigError(key, type(model).__name__, "an fx-traceable model (torch.fx.symbolic_trace)",
-                          f"cannot be traced ({type(exc).__name__}: {exc})") from exc
-    if not groups:
-        raise ConfigError(key, type(model).__name__, "a model with removable channels (Linear/Conv2d "
-                          "outputs feeding one Linear/Conv2d through channel-wise ops)", "has no channel group")
-    return groups
+        validate_settings(self)
+        choice(self.rest, "method.rest", RESTS)
+        choice(self.group_weight, "method.group_weight", GROUP_WEIGHTS)
 
 
 def run(ctx: TrainContext, cfg: Config) -> PruneResult:

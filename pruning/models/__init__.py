@@ -1,18 +1,7 @@
 """Models. `build_model` returns a `Classifier`: input normalisation (buffers) + the network.
 
-Registry keys (config group `model`, conf/model/<key>.yaml; each module has
-`build(cfg, data) -> nn.Module`):
-  mlp          small MLP for the embedded digits default                     mlp.py
-  mlpnet       MLPNet 784-40-20-10, no biases (WoodFisher/CBS/CHITA MNIST)   mlpnet.py
-  resnet20     CIFAR ResNet-20, option-A shortcuts (akamaster checkpoints)   resnet_cifar.py
-  resnet20b    CIFAR ResNet-20, option-B 1x1-conv shortcuts (WoodFisher)     resnet_cifar.py
-  resnet32     CIFAR ResNet-32                                               resnet_cifar.py
-  resnet56     CIFAR ResNet-56                                               resnet_cifar.py
-  vgg16        VGG-16 with batch norm for CIFAR                              vgg.py
-  wrn28_10     Wide ResNet 28-10 for CIFAR                                   wide_resnet.py
-  mobilenetv1  MobileNetV1 for ImageNet (STR/WoodFisher layout)              mobilenet.py
-  mobilenetv2  MobileNetV2 for ImageNet (torchvision)                        mobilenet.py
-  resnet50     ResNet-50 for ImageNet (torchvision)                          resnet_imagenet.py
+Keys (config group `model`, conf/model/<key>.yaml): `pruning.registry.MODELS`, each a module's
+`build(cfg, data) -> nn.Module`.
 
 Prunable tensors: each network defines `prunable_names()` (names inside the network; the
 fallback is every Linear/Conv weight). `model.prunable` in the config overrides it with glob
@@ -25,7 +14,6 @@ Normalisation: the dataset's mean/std, unless `model.normalize` gives `{mean: [.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,20 +25,7 @@ from pruning.data import DataBundle
 from pruning.errors import ConfigError
 from pruning.layout import default_prunable
 from pruning.models.checkpoints import find_state, network_state, safe_torch_load
-
-_MODULES = {
-    "mlp": "pruning.models.mlp",
-    "mlpnet": "pruning.models.mlpnet",
-    "resnet20": "pruning.models.resnet_cifar",
-    "resnet20b": "pruning.models.resnet_cifar",
-    "resnet32": "pruning.models.resnet_cifar",
-    "resnet56": "pruning.models.resnet_cifar",
-    "vgg16": "pruning.models.vgg",
-    "wrn28_10": "pruning.models.wide_resnet",
-    "mobilenetv1": "pruning.models.mobilenet",
-    "mobilenetv2": "pruning.models.mobilenet",
-    "resnet50": "pruning.models.resnet_imagenet",
-}
+from pruning.registry import MODELS
 
 
 class Normalize(nn.Module):
@@ -83,7 +58,7 @@ class Classifier(nn.Module):
 
 
 def available() -> list[str]:
-    return sorted(_MODULES)
+    return sorted(MODELS)
 
 
 def image_channels(data: DataBundle, model_name: str) -> int:
@@ -112,10 +87,9 @@ def _normalization(cfg: Mapping[str, Any], data: DataBundle) -> DataBundle:
 
 def build_model(cfg: Mapping[str, Any], data: DataBundle) -> Classifier:
     name = cfg["name"]
-    if name not in _MODULES:
+    if name not in MODELS:
         raise ConfigError("model", name, ", ".join(available()))
-    module = importlib.import_module(_MODULES[name])
-    return Classifier(module.build(cfg, data), _normalization(cfg, data))
+    return Classifier(MODELS[name].load()(cfg, data), _normalization(cfg, data))
 
 
 def load_weights(model: Classifier, path: str | Path) -> dict[str, Any]:

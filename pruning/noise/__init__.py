@@ -1,13 +1,7 @@
 """Noise models: one axis of a study, selected as `noise=<kind>` (config group `noise`).
 
-Keys (one module and one `conf/noise/<kind>.yaml` each):
-  none         no perturbation
-  gradient     noise on the rows of G: SWAP's entry noise (You & Cheng, ICLR 2024) or outlier
-               samples (pruning/noise/gradient.py)
-  analog       phase-change-memory weight perturbation: programming noise, drift, read noise
-               (Nandakumar et al., ICECS 2019; aihwkit PCMLikeNoiseModel) (pruning/noise/analog.py)
-  adversarial  FGSM (Goodfellow et al., ICLR 2015) / PGD (Madry et al., ICLR 2018) inputs, on the
-               calibration data and/or at evaluation (pruning/noise/adversarial.py)
+Keys: `pruning.registry.NOISE` (none, gradient, analog, adversarial; one module and one
+`conf/noise/<kind>.yaml` each; a module's `Config` dataclass holds its defaults).
 
 A noise model acts at up to four hook points of a run (after `bind(data)`, called once the run's
 data is loaded) and declares which in `ACTS_ON` (a subset of the keys of `HOOKS`); the callers
@@ -45,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -53,14 +46,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from pruning.errors import ConfigError, integer, number, numbers  # noqa: F401 (re-exported for noise modules)
-
-_MODULES = {
-    "none": "pruning.noise",
-    "gradient": "pruning.noise.gradient",
-    "analog": "pruning.noise.analog",
-    "adversarial": "pruning.noise.adversarial",
-}
+from pruning.errors import ConfigError
+from pruning.registry import NOISE
 
 T = TypeVar("T")
 
@@ -125,17 +112,18 @@ class NoiseModel:
 
 
 def available() -> list[str]:
-    return sorted(_MODULES)
+    return sorted(NOISE)
 
 
 def build(cfg: Mapping[str, Any]) -> NoiseModel:
+    """The noise model of the `noise` config node (its `kind` names the registry entry)."""
     kind = cfg.get("kind", "none")
-    if kind == "none":
-        return NoiseModel()
-    if kind not in _MODULES:
+    if kind not in NOISE:
         raise ConfigError("noise.kind", kind, ", ".join(available()))
-    module = importlib.import_module(_MODULES[kind])
-    return module.build(cfg)
+    spec = NOISE[kind]
+    if spec.config is None:  # `none`: no settings
+        return spec.build.load()()
+    return spec.build.load()(cfg)
 
 
 # ------------------------------------------------------------------ helpers for the noise modules

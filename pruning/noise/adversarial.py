@@ -43,16 +43,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from pruning.errors import ConfigError, choice
+from pruning.errors import choice, flag, integer, number, numbers
 from pruning.noise import (
     NoiseModel,
     apply_to,
     draw_normal,
     draw_uniform,
-    integer,
     metric_number,
-    number,
-    numbers,
     parse_config,
 )
 from pruning.train import evaluate as evaluate_model
@@ -138,20 +135,19 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = 
 class Config:
     attack: str = "pgd"                      # fgsm | pgd
     norm: str = "linf"                       # linf | l2
-    eps: Any = 8 / 255                       # radius of the attack on calibration inputs (level)
-    alpha: Any = None                        # PGD step; null = 2.5 eps / steps
+    eps: Any = 8 / 255                       # radius of the attack on calibration inputs (level; torchattacks default)
+    alpha: Any = None                        # PGD step; null = 2.5 eps / steps (= 2/255 at eps 8/255, 10 steps)
     steps: int = 10                          # PGD iterations
-    random_start: bool = True                # PGD starts at a uniform point of the eps-ball
+    random_start: bool = True                # PGD starts at a uniform point of the eps-ball (own generator)
     apply_to: Any = ("calibration", "eval")  # calibration and/or eval
-    fraction: Any = 0.5                      # share of calibration examples replaced
-    eval_eps: Any = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)  # robust accuracy grid
+    fraction: Any = 0.5                      # share of calibration examples replaced by adversarial ones
+    eval_eps: Any = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)  # robust accuracy grid: 0, 1, 2, 4, 8 /255
     chunk_size: int = 256                    # examples attacked at once (memory)
 
     def validate(self) -> Config:
-        if not isinstance(self.random_start, bool):
-            raise ConfigError("noise.random_start", self.random_start, "true, false")
         return dataclasses.replace(
             self,
+            random_start=flag(self.random_start, "noise.random_start"),
             attack=choice(self.attack, "noise.attack", ATTACKS),
             norm=choice(self.norm, "noise.norm", NORMS),
             eps=number(self.eps, "noise.eps", lo=0.0),

@@ -55,16 +55,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pruning.errors import ConfigError, choice
+from pruning.errors import choice, flag, integer, number, numbers, require
 from pruning.layout import ParamLayout, get_flat, set_flat
 from pruning.noise import (
     NoiseModel,
     apply_to,
     draw_normal,
-    integer,
     metric_number,
-    number,
-    numbers,
     parse_config,
 )
 from pruning.train import evaluate as evaluate_model
@@ -76,26 +73,28 @@ COMPENSATIONS = ("global", "none")
 class PCMParams:
     """Device constants of the PCM model (Nandakumar et al. 2019; aihwkit PCMLikeNoiseModel defaults)."""
 
-    g_max: float = 25.0                                   # uS, max conductance of one device
-    g_min: float = 0.0                                    # uS, conductance of a device at weight 0
-    prog_coeff: tuple[float, ...] = (0.26348, 1.9650, -1.1731)  # uS at g_max = 25; c_k of g^^k
-    t0: float = 20.0                                      # s, reference read time after programming
-    t_read: float = 2.5e-7                                # s, duration of one read (1/f read noise)
-    nu_mean: tuple[float, float] = (-0.0155, 0.0244)      # mu_nu = slope ln g^ + intercept ...
-    nu_mean_clip: tuple[float, float] = (0.049, 0.1)      # ... clipped to [lo, hi]
-    nu_std: tuple[float, float] = (-0.0125, -0.0059)      # sigma_nu = slope ln g^ + intercept ...
-    nu_std_clip: tuple[float, float] = (0.008, 0.045)     # ... clipped to [lo, hi]
-    read_q: float = 0.0088                                # Q_s = min(read_q / max(g^^e, floor), max)
+    g_max: float = 25.0          # uS, max conductance of one device (weight max|W| maps to g_max)
+    g_min: float = 0.0           # uS, conductance of a device at weight 0
+    # sigma_prog = (g_max/25) * sum_k c_k (g_T/g_max)^k, uS
+    prog_coeff: tuple[float, ...] = (0.26348, 1.9650, -1.1731)
+    t0: float = 20.0             # s, first read after programming; drift (t/t0)^-nu with t = t_inference + t0
+    # s, read duration: sigma_read = |g_drift| Q_s sqrt(ln((t + t_read) / (2 t_read)))
+    t_read: float = 2.5e-7
+    nu_mean: tuple[float, float] = (-0.0155, 0.0244)      # mu_nu = clip(slope * ln(g_T/g_max) + intercept, nu_mean_clip)
+    nu_mean_clip: tuple[float, float] = (0.049, 0.1)
+    nu_std: tuple[float, float] = (-0.0125, -0.0059)      # sigma_nu = clip(slope * ln(g_T/g_max) + intercept, nu_std_clip)
+    nu_std_clip: tuple[float, float] = (0.008, 0.045)
+    # Q_s = min(read_q / max((g_prog/g_max)^read_q_exponent, read_q_floor), read_q_max)
+    read_q: float = 0.0088
     read_q_exponent: float = 0.65
     read_q_floor: float = 1e-3
     read_q_max: float = 0.2
-    g_clip: float = 1e-7                                  # g^ clipped to >= this inside logs
+    g_clip: float = 1e-7         # g/g_max clipped to >= this inside logs (and max|W| in the mapping)
 
     def validate(self, prefix: str = "noise.pcm") -> PCMParams:
         def pair(v: Any, key: str) -> tuple[float, float]:
             vals = numbers(v, f"{prefix}.{key}")
-            if len(vals) != 2:
-                raise ConfigError(f"{prefix}.{key}", v, "a list of two numbers")
+            require(len(vals) == 2, f"{prefix}.{key}", v, "a list of two numbers")
             return (vals[0], vals[1])
 
         out = PCMParams(
@@ -114,8 +113,7 @@ class PCMParams:
             read_q_max=number(self.read_q_max, f"{prefix}.read_q_max", lo=0.0),
             g_clip=number(self.g_clip, f"{prefix}.g_clip", lo=0.0, lo_open=True),
         )
-        if out.g_min >= out.g_max:
-            raise ConfigError(f"{prefix}.g_min", out.g_min, f"a number below g_max={out.g_max}")
+        require(out.g_min < out.g_max, f"{prefix}.g_min", out.g_min, f"a number below g_max={out.g_max}")
         return out
 
 
@@ -252,22 +250,23 @@ class PCMArray:
 # ---------------------------------------------------------------------------- noise model
 @dataclass(frozen=True)
 class Config:
-    apply_to: Any = ("calibration", "eval")     # calibration (weights used for G) and/or eval
-    respect_mask: bool = True                   # pruned cells are not programmed (stay exactly 0)
-    n_draws: int = 10                           # programmings of the array per evaluation
-    t_inference: Any = (0.0, 3600.0, 86400.0, 31536000.0)  # s after programming (0, 1 h, 1 day, 1 year)
-    t_calibration: float = 0.0                  # read time of the weights used to compute G
-    drift_compensation: str = "global"          # global | none
-    prog_noise_scale: float = 1.0
-    read_noise_scale: float = 1.0
-    drift_scale: float = 1.0
-    pcm: PCMParams = field(default_factory=PCMParams)
+    apply_to: Any = ("calibration", "eval")     # calibration: weights used to compute G; eval: accuracy under noise
+    # true: pruned cells not programmed (stay exactly 0); false: programmed at g_min (aihwkit)
+    respect_mask: bool = True
+    n_draws: int = 10                           # independent programmings per evaluation (mean and std over them)
+    # s after programming: 0 (read at t0), 1 h, 1 day, 1 year
+    t_inference: Any = (0.0, 3600.0, 86400.0, 31536000.0)
+    t_calibration: float = 0.0                  # s, read time of the weights used to compute G
+    drift_compensation: str = "global"          # global (alpha = mean|W_prog| / mean|W(t)| per tensor) | none
+    prog_noise_scale: float = 1.0               # multiplies sigma_prog (the level)
+    read_noise_scale: float = 1.0               # multiplies sigma_read
+    drift_scale: float = 1.0                    # multiplies nu
+    pcm: PCMParams = field(default_factory=PCMParams)  # device constants
 
     def validate(self) -> Config:
-        if not isinstance(self.respect_mask, bool):
-            raise ConfigError("noise.respect_mask", self.respect_mask, "true, false")
         return dataclasses.replace(
             self,
+            respect_mask=flag(self.respect_mask, "noise.respect_mask"),
             apply_to=apply_to(self.apply_to, "noise.apply_to"),
             n_draws=integer(self.n_draws, "noise.n_draws", lo=1),
             t_inference=numbers(self.t_inference, "noise.t_inference", lo=0.0),
