@@ -402,6 +402,18 @@ class Job:
             num_workers=self.num_workers, progress=self.progress, warn=self.record.warn)
         return calibrate.gradient_matrix(c, self.data.calib, self.model, self.layout, self.mask, self.noise, stage)
 
+    def masked_loss(self, w: torch.Tensor, n: int = 0) -> float:
+        """Mean training loss (the first n examples of the un-augmented training split; 0 = all) of the
+        network at prunable weights w, other parameters as they are; the model is left unchanged."""
+        data = self.data.calib if n <= 0 else torch.utils.data.Subset(self.data.calib, range(min(n, len(self.data.calib))))
+        saved = get_flat(self.model, self.layout).clone()
+        set_flat(self.model, self.layout, w.to(saved))
+        try:
+            return evaluate(self.model, data, self.device, int(self.cfg.eval.batch_size),
+                            num_workers=self.num_workers)["loss"]
+        finally:
+            set_flat(self.model, self.layout, saved)
+
     def prune_step(self, sparsity: float, stage: int, num_stages: int, w_bar: torch.Tensor) -> PruneResult:
         name = self.cfg.method.name
         mcfg = methods.make_config(name, method_params(self.cfg))
@@ -410,7 +422,7 @@ class Job:
         grads = self.gradient_matrix(stage) if methods.needs_gradients(name) else None
         problem = PruningProblem(layout=self.layout, w=w, w_bar=w_bar, mask=self.mask.clone(), grads=grads,
                                  generator=generator(int(self.cfg.seed), f"method/{stage}"), stage=stage,
-                                 num_stages=num_stages, progress=self.progress)
+                                 num_stages=num_stages, progress=self.progress, loss=self.masked_loss)
         result = module.prune(problem, sparsity, mcfg)
         set_flat(self.model, self.layout, result.w * result.mask)
         self.mask = result.mask.to(self.device)
