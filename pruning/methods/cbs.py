@@ -76,7 +76,7 @@ class Config:
     init_magnitude: bool = True         # plain magnitude pruning is a starting candidate too (mag_perb draw 0)
     select: str = "loss"                # rank starts and passes by: loss (training loss of the masked
                                         #   network, the CBS code) | phi (G only)
-    loss_examples: int = 0              # training examples scoring a candidate (0 = all, the CBS code on MNIST)
+    loss_examples: int = 10000          # training examples scoring a candidate (0 = all: the CBS code on MNIST)
     rmp_rounding: str = "exact"         # exact (every draw keeps k) | reference (the CBS code's per-chunk
                                         #   ceil: keeps more than k, e.g. 712 instead of 647 on MLPNet at 0.98)
 
