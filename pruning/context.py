@@ -11,12 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pruning import calibrate, methods
 from pruning import config as config_mod
 from pruning.checkpoint import StageCheckpoint
 from pruning.gradients import GradientMatrix
+from pruning.layout import get_flat, set_flat
 from pruning.lock import RunLock
 from pruning.logs import ensure_console, show_progress
 from pruning.record import RunRecord, run_id_for
@@ -96,6 +98,19 @@ class RunContext:
     def num_workers(self) -> int:
         """Loader processes for the dataset's examples (dataset.num_workers; 0 = in this process)."""
         return int(self.cfg.dataset.get("num_workers", 0) or 0)
+
+    def masked_loss(self, w: torch.Tensor, n: int = 0) -> float:
+        """Mean training loss (the first n examples of the un-augmented training split; 0 = all) of the
+        network at prunable weights w, other parameters as they are; the model is left unchanged
+        (the loss a method may score candidate masks with, e.g. cbs select=loss)."""
+        st = self.state
+        data = st.data.calib if n <= 0 else torch.utils.data.Subset(st.data.calib, range(min(n, len(st.data.calib))))
+        saved = get_flat(st.model, st.layout).clone()
+        set_flat(st.model, st.layout, w.to(saved))
+        try:
+            return evaluate(st.model, data, st.device, int(self.cfg.eval.batch_size), num_workers=self.num_workers)["loss"]
+        finally:
+            set_flat(st.model, st.layout, saved)
 
     def method_config(self) -> Any:
         return methods.make_config(self.cfg.method.name, method_params(self.cfg))

@@ -15,7 +15,17 @@ from pruning.errors import ConfigError
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, num_kept
 from pruning.methods.base import PruningProblem
-from pruning.methods.cbs import Config, SwapObjective, cbs_update, local_search, objective, prune, rmp_keep
+from pruning.methods.cbs import (
+    Config,
+    SwapObjective,
+    cbs_update,
+    local_search,
+    magnitude_keep,
+    objective,
+    prune,
+    rmp_keep,
+    rmp_keep_reference,
+)
 from pruning.task import run
 
 LAYOUT = ParamLayout(("a", "b", "c"), ((5, 6), (24,), (2, 7)))
@@ -220,6 +230,90 @@ def test_sparsity_is_exact(scope):
                 assert torch.equal(res.w[res.mask], w[res.mask])
 
 
+def passes_of(obj, w, pruned, groups, cfg, upto):
+    """The pruned set after 0, 1, ..., upto passes of the plain (Phi-only) search."""
+    return [local_search(obj, w, pruned, groups, dataclasses.replace(cfg, max_iter=t))[0] for t in range(upto + 1)]
+
+
+def test_scored_search_returns_the_best_pass_and_stops_on_patience():
+    """With a score the search visits the same sets as without one, returns the lowest-scoring
+    (first on ties, the start counted as pass 0), and stops after a pass scoring above the best
+    once the best is `patience` passes old (the CBS code's max_N_fluctation rule)."""
+    G, w, prob = rand_problem(n=10, seed=5)
+    blocks = prob.grads.blocks
+    obj, groups = SwapObjective(prob.grads, blocks), [np.arange(LAYOUT.numel)]
+    pruned = np.zeros(LAYOUT.numel, dtype=bool)
+    pruned[rmp_keep(np.abs(w.numpy()), groups[0], 20, np.random.default_rng(0))] = True
+    cfg = Config(epsilon=1e-6, range=3, max_no_match=2, max_iter=30, patience=3)
+    sets = passes_of(obj, w.numpy(), pruned, groups, cfg, 6)
+    assert all(not np.array_equal(a, b) for a, b in zip(sets, sets[1:5]))  # passes 1-4 each swap something
+    script = [5.0, 3.0, 4.0, 3.0, 6.0, 2.0, 1.0]  # pass 3 ties pass 1; pass 4 is 3 passes after the best
+    calls = []
+
+    def score(p: np.ndarray) -> float:
+        calls.append(p.copy())
+        return script[len(calls) - 1]
+
+    out, stats = local_search(obj, w.numpy(), pruned, groups, cfg, score=score)
+    assert stats["stop"] == "patience" and stats["passes"] == 4 and len(calls) == 5
+    assert all(np.array_equal(c, s_) for c, s_ in zip(calls, sets))  # scored exactly the passes' sets
+    assert stats["best_pass"] == 1 and np.array_equal(out, sets[1]) and stats["score"] == 3.0
+    assert np.isclose(stats["phi"], dense_phi(G, blocks, w, torch.from_numpy(sets[1])), rtol=1e-9)
+    # a start no pass beats is returned unchanged; without patience the search runs to its own end
+    out, stats = local_search(obj, w.numpy(), pruned, groups, dataclasses.replace(cfg, patience=100),
+                              score=lambda p: 0.0 if np.array_equal(p, pruned) else 1.0)
+    assert np.array_equal(out, pruned) and stats["best_pass"] == 0 and stats["stop"] == "top_pair"
+
+
+def test_rmp_reference_rounding_keeps_what_the_cbs_code_keeps():
+    """Hand-computed for MLPNet's 32,360 weights: 179 chunks of 181; at 0.98 each of the first 178
+    keeps ceil(181 x 0.02) = 4 (712 > int(647.2) = 647, so the last keeps 0); at 0.95 10 each
+    (1,780 > 1,618), at 0.9 19 each (3,382 > 3,236). Each chunk keeps its largest |w|."""
+    p = 32360
+    w_abs = np.abs(np.random.default_rng(0).normal(size=p))
+    for s, kept in ((0.98, 712), (0.95, 1780), (0.9, 3382)):
+        keep = rmp_keep_reference(w_abs, np.arange(p), s, np.random.default_rng(1))
+        assert len(keep) == len(np.unique(keep)) == kept
+    order = np.random.default_rng(1).permutation(p)  # the same draw: rebuild the chunks by hand
+    keep = set(rmp_keep_reference(w_abs, np.arange(p), 0.98, np.random.default_rng(1)).tolist())
+    for c in range(178):
+        chunk = order[181 * c:181 * (c + 1)]
+        assert set(chunk[np.argsort(-w_abs[chunk])[:4]].tolist()) <= keep
+    # when the ceilings do not overshoot, the last chunk takes the remainder and the total is int(n (1 - s))
+    keep = rmp_keep_reference(w_abs[:100], np.arange(100), 0.5, np.random.default_rng(2))
+    assert len(keep) == 50
+
+
+def test_start_is_magnitude_or_rmp_by_phi_or_loss():
+    """select: phi with no draws starts from plain magnitude pruning; select: loss ranks the
+    candidates by the given loss: with loss = sum of the pruned w^2 (what magnitude minimises)
+    magnitude wins over every RMP draw, the loss gets `loss_examples`, and the selected pass never
+    scores above the start."""
+    G, w, prob = rand_problem(seed=4)
+    k = num_kept(LAYOUT.numel, 0.7)
+    res = prune(prob, 0.7, Config(select="phi", init_trials=0, init_magnitude=True, max_iter=0, update=False, block_size=None))
+    mp = np.ones(LAYOUT.numel, dtype=bool)
+    mp[magnitude_keep(np.abs(w.numpy()), np.arange(LAYOUT.numel), k)] = False
+    assert res.info["start"] == "magnitude" and np.array_equal(~res.mask.numpy(), mp)
+    assert np.isclose(res.info["phi_rmp"], dense_phi(G, prob.grads.blocks, w, torch.from_numpy(mp)), rtol=1e-9)
+    seen = []
+
+    def loss(wv: torch.Tensor, n: int) -> float:
+        seen.append(n)
+        return float(((wv - w) ** 2).sum())
+
+    _, _, prob = rand_problem(seed=4)
+    prob.loss = loss
+    res = prune(prob, 0.7, Config(select="loss", init_trials=5, init_magnitude=True, loss_examples=123, update=False))
+    assert res.info["select"] == "loss" and res.info["start"] == "magnitude" and set(seen) == {123}
+    assert len(seen) >= 6 and res.info["loss_selected"] <= res.info["loss_start"]
+    assert np.isclose(res.info["loss_selected"], loss(w * res.mask, 0))
+    assert int(res.mask.sum()) == k
+    # without a loss the problem falls back to Phi and says so
+    _, _, prob = rand_problem(seed=4)
+    assert prune(prob, 0.7, Config(select="loss", init_trials=2, max_iter=1)).info["select"].startswith("phi")
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="method.range"):
         methods.make_config("cbs", {"range": -1})
@@ -227,6 +321,12 @@ def test_config_errors_name_the_key():
         methods.make_config("cbs", {"epsilon": "small"})
     with pytest.raises(ConfigError, match="method.colour"):
         methods.make_config("cbs", {"colour": 1})
+    for key, bad in (("select", "grad"), ("rmp_rounding", "floor"), ("patience", 0), ("loss_examples", -1),
+                     ("init_magnitude", "yes")):
+        with pytest.raises(ConfigError, match=f"method.{key}"):
+            methods.make_config("cbs", {key: bad})
+    with pytest.raises(ConfigError, match="method.init_trials"):
+        methods.make_config("cbs", {"init_trials": 0, "init_magnitude": False})
 
 
 def test_embedded_digits_shares_g_and_beats_magnitude(make_cfg, tmp_path, session_cache):

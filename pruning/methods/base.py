@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ class PruningProblem:
     stage: int = 1
     num_stages: int = 1
     progress: bool = True                # show progress bars on long loops
+    loss: Callable[[torch.Tensor, int], float] | None = None  # loss(w, n): mean training loss of the network
+                                         # at prunable weights w on n training examples (0 = all)
 
 
 @dataclass

@@ -7,9 +7,11 @@ Selection (CBS-S) minimises the loss increase of zeroing a set I without compens
   Phi(I) = w_I^T F_II w_I = (1/N) sum_b ||G_b (w . 1_I)_b||^2,   F = (1/N) G^T G    (CBS eq. 4)
 
 (block-diagonal over the Fisher blocks; F is never formed, everything comes from columns of G
-and the per-block residuals r_b = G_b (w . 1_I)_b). Starting point: randomized magnitude
-pruning (RMP): shuffle the coordinates, cut them into n_c = min(sqrt(p), 1000) chunks and keep
-the largest magnitudes of each chunk (`init_trials` draws, the best Phi wins). Local search:
+and the per-block residuals r_b = G_b (w . 1_I)_b). Starting point, as the CBS code's `mag_perb`
+init: plain magnitude pruning and `init_trials` draws of randomized magnitude pruning (RMP:
+shuffle the coordinates, cut them into n_c = min(sqrt(p), 1000) chunks and keep the largest
+magnitudes of each chunk); the candidate with the smallest training loss of the masked network
+(`select: loss`; `phi`: the smallest Phi) starts the search. Local search:
 
   alpha_i = w_i (2 F_{i,I} w_I) - F_ii w_i^2     (i in I: Phi(I) - Phi(I \\ i))
   beta_j  = w_j (2 F_{j,I} w_I) + F_jj w_j^2     (j not in I: Phi(I + j) - Phi(I))
@@ -22,7 +24,10 @@ the i at rank t >= 1 takes the first valid unused j at rank in [max(1, t - range
 pass ends once more than `max_no_match` i (in total over the pass) found no swap. A swap is valid
 when its exact change of Phi (computed in O(N) from the current residuals, so every accepted swap
 lowers Phi by more than `epsilon`) is below -epsilon. Passes repeat (alpha, beta refreshed) up to
-`max_iter` times. (The CBS code counts a miss by testing only the last j of the window, which
+`max_iter` times. With `select: loss` (the CBS code's online runs) every pass is scored by the
+training loss of the masked network, the search stops once the best pass is `patience` passes
+old, and the best-scoring pass (the start included) is the selection: Phi is the search's
+objective, the loss its model selection (on MLPNet at 0.98 the lowest Phi is not the lowest loss). (The CBS code counts a miss by testing only the last j of the window, which
 differs only when that j was already used; here every i without a swap is a miss.)
 
 Update (CBS-U) is the exact multi-weight OBS on the dampened block Fisher F = lambda I + G^T G / N:
@@ -37,6 +42,7 @@ of each block, with F_KI w_I = (1/N) G_K^T (G_I w_I) and F_KK^-1 by the WoodFish
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pruning import factor_cache
-from pruning.errors import flag, integer, number
+from pruning.errors import choice, flag, integer, number, require
 from pruning.fisher import DTYPES, BlockInverse, masked_block, method_blocks, validate_settings
 from pruning.gradients import GradientMatrix
 from pruning.layout import ParamLayout, num_kept
@@ -68,17 +74,36 @@ class Config:
     range: int = 10                     # rho: pruned rank t scans kept ranks [max(1, t - range), t + range) (README)
     max_no_match: int = 20              # tau: a pass ends after more than tau pruned weights without a swap, in total
     max_iter: int = 100                 # passes of the local search (greedy_options.py --max-iter)
-    init_trials: int = 1                # randomized-magnitude (RMP) draws; the smallest Phi starts the search
+    # randomized-magnitude (RMP) draws; the best by `select` starts the search (CBS code: 49 + magnitude,
+    # the reproduction study sets that)
+    init_trials: int = 1
     update: bool = True                 # CBS-U exact multi-weight OBS update (false = CBS-S, selection only)
     update_scale: float = 1.0           # scale of the CBS-U step (the CBS-U scripts use 1)
     dtype: str = "float64"              # precision of the CBS-U block algebra
+    # select: loss: the search stops once its best pass is this many passes old (CBS code max_N_fluctation 5)
+    patience: int = 5
+    # plain magnitude pruning is a starting candidate too (the CBS code's mag_perb draw 0)
+    init_magnitude: bool = False
+    # rank the starting candidates and the passes by: phi (G only: under noise every method sees the
+    # same signal) | loss (training loss of the masked network without update, the CBS code's online
+    # runs: returns the best pass; the MLPNet reproduction study uses it)
+    select: str = "phi"
+    loss_examples: int = 10000          # training examples scoring a candidate (0 = all: the CBS code on MNIST)
+    rmp_rounding: str = "exact"         # exact (every draw keeps k) | reference (the CBS code's per-chunk
+                                        #   ceil: keeps more than k, e.g. 712 instead of 647 on MLPNet at 0.98)
 
     def validate(self) -> None:
         validate_settings(self)
         number(self.epsilon, "method.epsilon", lo=0.0, allowed="a number >= 0", fractions=False)
-        for key, lo in (("range", 0), ("max_no_match", 0), ("max_iter", 0), ("init_trials", 1)):
+        for key, lo in (("range", 0), ("max_no_match", 0), ("max_iter", 0), ("init_trials", 0), ("patience", 1),
+                        ("loss_examples", 0)):
             integer(getattr(self, key), f"method.{key}", lo)
         flag(self.update, "method.update")
+        flag(self.init_magnitude, "method.init_magnitude")
+        require(self.init_trials > 0 or self.init_magnitude, "method.init_trials", 0, "an integer >= 1",
+                "no starting point: init_magnitude is false")
+        choice(self.select, "method.select", ("phi", "loss"))
+        choice(self.rmp_rounding, "method.rmp_rounding", ("exact", "reference"))
 
 
 class SwapObjective:
@@ -145,6 +170,31 @@ def rmp_keep(w_abs: np.ndarray, group: np.ndarray, k: int, rng: np.random.Genera
     return np.concatenate(kept)
 
 
+def rmp_keep_reference(w_abs: np.ndarray, group: np.ndarray, sparsity: float, rng: np.random.Generator) -> np.ndarray:
+    """RMP as the CBS code rounds it (`constructive_greedy_prune_one_iter`), for reproducing its
+    tables: chunks of ceil(n / n_c) coordinates each keep ceil(chunk (1 - s)) of their largest |w|
+    and the last chunk keeps what is left of int(n (1 - s)), never below zero. The ceilings make
+    the kept set larger than int(n (1 - s)) whenever they add up past it (MLPNet at 0.98: 712
+    instead of 647, sparsity 0.978), so the result is not at the requested sparsity."""
+    n = len(group)
+    n_c = max(1, min(int(math.isqrt(n)), 1000))
+    size = math.ceil(n / n_c)
+    target, per = int(n * (1 - sparsity)), math.ceil(size * (1 - sparsity))
+    order = group[rng.permutation(n)]
+    kept: list[np.ndarray] = []
+    for c in range(n_c):
+        chunk = order[c * size:(c + 1) * size] if c < n_c - 1 else order[c * size:]
+        if c == n_c - 1:
+            per = max(0, target - sum(len(x) for x in kept))
+        kept.append(chunk[np.argsort(-w_abs[chunk], kind="stable")[:per]])
+    return np.concatenate(kept)
+
+
+def magnitude_keep(w_abs: np.ndarray, group: np.ndarray, k: int) -> np.ndarray:
+    """The k largest |w| of `group` (ties to the lower index): the plain magnitude start."""
+    return group[np.argsort(-w_abs[group], kind="stable")[:k]]
+
+
 def swap_deltas(obj: SwapObjective, w: np.ndarray, R: np.ndarray, i: int,
                 js: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact Phi(I - i + j) - Phi(I) for every j in js, O(N) each from the current residuals R;
@@ -162,7 +212,8 @@ def swap_deltas(obj: SwapObjective, w: np.ndarray, R: np.ndarray, i: int,
 
 
 def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: list[np.ndarray],
-                 cfg: Config, progress: bool = False) -> tuple[np.ndarray, dict[str, float | int | str]]:
+                 cfg: Config, progress: bool = False, score: Callable[[np.ndarray], float] | None = None,
+                 ) -> tuple[np.ndarray, dict[str, float | int | str]]:
     """The CBS swap search with the rules of the CBS code (`greedy.py::prune_one_iter`); returns
     the new pruned set (a copy) and statistics.
 
@@ -175,13 +226,20 @@ def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: 
     valid when its exact change of Phi (from the current residuals) is below -epsilon. Swaps stay
     inside a group (all coordinates for global scope, one tensor for layerwise), so every group
     keeps the size of its pruned set. `stop` is "top_pair" (every group ended on an invalid top
-    pair) or "max_iter"."""
+    pair), "max_iter" or "patience".
+
+    With `score` (a loss of the pruned set, lower is better; the CBS code's training loss of the
+    masked network), the start and every pass are scored and the best-scoring set is returned
+    (the first one on ties); the search also stops after a pass scoring above the best so far
+    when the best is `patience` or more passes old (the CBS code's `max_N_fluctation`)."""
     pruned = pruned.copy()
     N, wsq = obj.N, w * w
     R = obj.residuals(np.where(pruned, w, 0.0))
     phi0 = obj.phi(R)
     swaps_total, passes, stop = 0, 0, "max_iter"
     done = [False] * len(groups)
+    scores = [] if score is None else [float(score(pruned))]
+    best, best_pass = pruned.copy(), 0
     bar = tqdm(total=cfg.max_iter, desc="cbs local search", leave=False, disable=not progress)
 
     def swap(i: int, j: int, gi: np.ndarray, gj: np.ndarray) -> None:
@@ -237,12 +295,26 @@ def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: 
                 used[cand[found]] = True
                 swaps_total += 1
         bar.update(1)
+        if score is not None:
+            scores.append(float(score(pruned)))
+            prev_best = int(np.argmin(scores[:-1]))
+            if scores[-1] < scores[prev_best]:
+                best, best_pass = pruned.copy(), passes
+            elif passes >= 2 and scores[-1] > scores[prev_best] and passes - prev_best >= cfg.patience:
+                stop = "patience"
+                break
     else:
         if all(done):
             stop = "top_pair"
     bar.close()
-    R = obj.residuals(np.where(pruned, w, 0.0))  # exact, not accumulated
-    return pruned, {"phi_init": phi0, "phi": obj.phi(R), "swaps": swaps_total, "passes": passes, "stop": stop}
+    if score is None:
+        best, best_pass = pruned, passes
+    R = obj.residuals(np.where(best, w, 0.0))  # exact, not accumulated
+    stats: dict[str, float | int | str] = {"phi_init": phi0, "phi": obj.phi(R), "swaps": swaps_total,
+                                          "passes": passes, "stop": stop, "best_pass": best_pass}
+    if score is not None:
+        stats.update(score_init=scores[0], score=scores[best_pass])
+    return best, stats
 
 
 def cbs_update(G: GradientMatrix, blocks: list[slice], w: torch.Tensor, mask0: torch.Tensor, mask: torch.Tensor,
@@ -297,16 +369,29 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
     groups = _groups(layout, cfg.scope)
     seed = 0 if problem.generator is None else int(torch.randint(2**62, (1,), generator=problem.generator))
     obj = SwapObjective(G, blocks)
-    best, best_phi = None, math.inf
-    for trial in range(cfg.init_trials):
-        rng = np.random.default_rng([seed, trial])
+    score, select = None, cfg.select
+    if select == "loss" and problem.loss is None:
+        select = "phi (no loss given)"  # a problem built without the network: G is all there is
+    elif select == "loss":
+        def score(pruned: np.ndarray) -> float:
+            return float(problem.loss(torch.from_numpy(np.where(pruned, 0.0, w)), cfg.loss_examples))
+    rank = score if score is not None else (lambda pruned: obj.phi(obj.residuals(np.where(pruned, w, 0.0))))
+    best, best_rank, start = None, math.inf, ""
+    for trial in range(-1 if cfg.init_magnitude else 0, cfg.init_trials):  # -1: plain magnitude
+        rng = np.random.default_rng([seed, max(trial, 0)])
         pruned = np.ones(layout.numel, dtype=bool)
         for g in groups:
-            pruned[rmp_keep(np.abs(w), g, num_kept(len(g), sparsity), rng)] = False
-        phi = obj.phi(obj.residuals(np.where(pruned, w, 0.0)))
-        if phi < best_phi:
-            best, best_phi = pruned, phi
-    pruned, stats = local_search(obj, w, best, groups, cfg, progress=layout.numel > 50_000)
+            if trial < 0:
+                keep = magnitude_keep(np.abs(w), g, num_kept(len(g), sparsity))
+            elif cfg.rmp_rounding == "reference":
+                keep = rmp_keep_reference(np.abs(w), g, sparsity, rng)
+            else:
+                keep = rmp_keep(np.abs(w), g, num_kept(len(g), sparsity), rng)
+            pruned[keep] = False
+        r = rank(pruned)
+        if r < best_rank:
+            best, best_rank, start = pruned, r, "magnitude" if trial < 0 else f"rmp {trial}"
+    pruned, stats = local_search(obj, w, best, groups, cfg, progress=layout.numel > 50_000, score=score)
     mask = torch.from_numpy(~pruned)
     new_w = w_t.clone()
     cache = factor_cache.CacheStats()
@@ -317,7 +402,10 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
         new_w += cfg.update_scale * delta.cpu().to(torch.float64)
     new_w = new_w * mask
     info = {"phi_rmp": stats["phi_init"], "phi": stats["phi"], "swaps": stats["swaps"],
-            "passes": stats["passes"], "stop": stats["stop"], "blocks": len(blocks)}
+            "passes": stats["passes"], "stop": stats["stop"], "blocks": len(blocks), "start": start,
+            "select": select, "best_pass": stats["best_pass"]}
+    if score is not None:
+        info.update(loss_start=stats["score_init"], loss_selected=stats["score"])
     if cache.status:
         info.update(cache.info("gram"))
     return PruneResult(w=new_w.to(device=problem.w.device, dtype=problem.w.dtype),

@@ -32,8 +32,9 @@ def prune_step(job: RunContext, sparsity: float, stage: int, num_stages: int, w_
     st, name = job.state, job.cfg.method.name
     w = get_flat(st.model, st.layout)
     grads = job.gradient_matrix(stage) if methods.needs_gradients(name) else None
-    problem = PruningProblem(layout=st.layout, w=w, w_bar=w_bar, mask=st.mask.clone(), grads=grads, generator=generator(int(job.cfg.seed), f"method/{stage}"), stage=stage,
-                             num_stages=num_stages, progress=job.progress)
+    problem = PruningProblem(layout=st.layout, w=w, w_bar=w_bar, mask=st.mask.clone(), grads=grads,
+                             generator=generator(int(job.cfg.seed), f"method/{stage}"), stage=stage,
+                             num_stages=num_stages, progress=job.progress, loss=job.masked_loss)
     result = methods.get(name).prune(problem, sparsity, job.method_config())
     set_flat(st.model, st.layout, result.w * result.mask)
     st.mask = result.mask.to(st.device)

@@ -1,4 +1,4 @@
-"""The train-time path: a method that sparsifies while it trains (`KIND = "train"`) runs its own
+"""The train-time path: a method that sparsifies while it trains (registry kind "train") runs its own
 training through `methods.<name>.run(ctx, cfg)`, once, with its own schedule:
 
   grda    gRDA (Chao, Wang, Xing, Cheng, NeurIPS 2020): the soft threshold grows as
