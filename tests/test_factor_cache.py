@@ -148,7 +148,7 @@ def _pruned(make_cfg, tmp_path, name, *overrides):
     rec = job.run()
     from pruning.layout import get_flat
 
-    return get_flat(job.model, job.layout).detach().clone(), rec["stages"][0]
+    return get_flat(job.state.model, job.state.layout).detach().clone(), rec["stages"][0]
 
 
 def test_task_sparsities_share_the_cache(make_cfg, tmp_path):
