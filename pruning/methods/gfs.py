@@ -270,103 +270,29 @@ class _SelectionState:
         self.selected = int(sd["selected"])
 
 
-def run(ctx: TrainContext, cfg: Config) -> PruneResult:
+def _layer_targets(ctx: TrainContext, cfg: Config, groups: list[Any], chosen_names: list[str],
+                   example: torch.Tensor) -> tuple[dict[str, int] | None, bool]:
+    """Channels to keep per chosen group under the budget (None: the accuracy budget, decided by
+    the greedy selection itself), and whether the flops/params budget is reachable."""
     model = ctx.model
-    gens = stream_generators(ctx.generator)
-    example = example_input(ctx)
-    changed = structured.disable_inplace(model)
-    gm = structured.traced(model)
-    groups = find_groups(model, example, gm=gm)
-    names = [g.name for g in groups]
-    patterns = ["*"] if cfg.layers is None else [cfg.layers] if isinstance(cfg.layers, str) else list(cfg.layers)
-    chosen = [g for g in groups if any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
-    if not chosen:
-        raise ConfigError("method.layers", patterns, ", ".join(names), "matches no channel group")
-    chosen_names = [g.name for g in chosen]
-    dense_counts = flops.count(model, example)
-
-    targets: dict[str, int] | None = None
-    reachable = True
     if cfg.budget == "width":
-        targets = {g.name: max(1, math.ceil(cfg.width * g.size - 1e-9)) for g in chosen}
-    elif cfg.budget == "flops":
-        targets, reachable = uniform_widths(model, groups, chosen_names,
-                                            lambda m: flops.count(m, example).macs / dense_counts.macs,
-                                            cfg.flops_ratio)
-    elif cfg.budget == "params":
-        targets, reachable = uniform_widths(model, groups, chosen_names,
-                                            lambda m: structured.relayout(m, ctx.layout).numel / ctx.layout.numel,
-                                            1.0 - float(ctx.sparsity))
+        return {g.name: max(1, math.ceil(cfg.width * g.size - 1e-9)) for g in groups if g.name in chosen_names}, True
+    if cfg.budget == "flops":
+        dense_macs = flops.count(model, example).macs
+        return uniform_widths(model, groups, chosen_names, lambda m: flops.count(m, example).macs / dense_macs,
+                              cfg.flops_ratio)
+    if cfg.budget == "params":
+        return uniform_widths(model, groups, chosen_names,
+                              lambda m: structured.relayout(m, ctx.layout).numel / ctx.layout.numel,
+                              1.0 - float(ctx.sparsity))
+    return None, True
 
-    calib = ctx.data.calib
-    n_cal = len(calib)
-    stride = max(1, math.ceil(n_cal / cfg.eval_size))
-    eval_idx = torch.arange(0, n_cal, stride)
-    masker = structured.ChannelMasker(model, groups)
-    noisy = cfg.noise_hooks and ctx.noise is not None and getattr(ctx.noise, "kind", "none") != "none"
-    full_mask = torch.ones(ctx.layout.numel, dtype=torch.bool, device=ctx.device)
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(n_cal, generator=gens["method"])[: cfg.batch_size]
-        x, y = load_batch(calib, idx, ctx.device)
-        if noisy:
-            with torch.enable_grad():
-                x = ctx.noise.calibration_inputs(model, x, y, gens["inputs"])
-            model.zero_grad(set_to_none=True)
-        return x.detach(), y
-
-    def weight_context() -> Any:
-        if noisy:
-            return ctx.noise.calibration_weights(model, ctx.layout, full_mask, gens["weights"])
-        return contextlib.nullcontext()
-
-    info: dict[str, Any] = {"budget": cfg.budget}
-    if targets is not None and cfg.budget in ("flops", "params"):
-        info["budget_reachable"] = reachable
-    state = _SelectionState(model, masker, gens)
-    ckpt = getattr(ctx, "checkpoint", None)
-    done = ckpt.resume("gfs", None, state) if ckpt is not None else 0  # layers finished before a requeue
-    try:
-        for li, g in enumerate(tqdm(chosen, desc="gfs layers", leave=False, disable=not ctx.progress)):
-            if li < done:
-                continue
-            model.eval()
-            scorer = LayerScorer(gm, g, chunk=cfg.candidate_chunk)
-            with masker.disabled(g.name), torch.no_grad():
-                cached = []
-                for ch in _chunks(eval_idx.numel(), cfg.batch_size):
-                    x, y = load_batch(calib, eval_idx[ch], ctx.device)
-                    cached.append((scorer.capture(x), y))
-
-                init_loss, init_top1 = eval_cached(scorer, cached, torch.ones(g.size))
-                selected, _losses = greedy_select(
-                    scorer, next_batch, gens["method"], num_evaluate=cfg.num_evaluate,
-                    k_target=None if targets is None else targets[g.name],
-                    eval_top1=lambda sel, sc=scorer, c=cached, d=g.size: eval_cached(sc, c, alpha_scale(sel, d))[1],
-                    init_top1=init_top1, top1_tol=cfg.top1_tol, skip_eval_converge=cfg.skip_eval_converge, context=weight_context,
-                    progress=ctx.progress)
-                scale = None if len(selected) >= g.size else alpha_scale(selected, g.size).to(ctx.device)
-                loss, top1 = eval_cached(scorer, cached, scale if scale is not None else torch.ones(g.size))
-            masker.set(g.name, scale)
-            state.selected += len(selected)
-            row = {"phase": "gfs", "layer": g.name, "kept": len(selected), "width": g.size,
-                   "init_loss": init_loss, "init_top1": init_top1, "loss": loss, "top1": top1}
-            if scale is not None and cfg.layer_finetune_epochs > 0:
-                _finetune(ctx, cfg, cfg.layer_finetune_epochs, gens, f"gfs_layer_finetune {g.name}")
-                model.eval()
-                ft = evaluate(model, Subset(calib, eval_idx.tolist()), ctx.device, cfg.batch_size)
-                row.update(finetuned_loss=ft["loss"], finetuned_top1=ft["acc"])
-            if ctx.log is not None:
-                ctx.log(row)
-            if ckpt is not None:
-                ckpt.save("gfs", li + 1, None, state)
-        if cfg.final_finetune_epochs > 0:
-            _finetune(ctx, cfg, cfg.final_finetune_epochs, gens, "gfs_final_finetune", log=True)
-    finally:
-        masker.remove()
-        structured.restore_inplace(changed)
-    model.eval()
-
+def _finish(ctx: TrainContext, cfg: Config, groups: list[Any], masker: Any, example: torch.Tensor,
+            info: dict[str, Any]) -> PruneResult:
+    """The selected channels as the result: a physically smaller model (`shrink`) or zeroed
+    channels and their weight mask, with the structured report in `info`."""
+    model = ctx.model
     keep = {g.name: structured.keep_from_scale(masker.scales[g.name], g.size) for g in groups}
     scales = {g.name: masker.scales[g.name] for g in groups}
     kept = {k: int(v.numel()) for k, v in keep.items()}
@@ -385,8 +311,99 @@ def run(ctx: TrainContext, cfg: Config) -> PruneResult:
         w = get_flat(model, ctx.layout)
         mask = structured.channel_mask(ctx.layout, groups, keep, w.device)
     info.update(report)
-    info["selected_channels"] = state.selected
     return PruneResult(w=w * mask, mask=mask, info=info)
+
+
+def run(ctx: TrainContext, cfg: Config) -> PruneResult:
+    """GFS layer by layer (the selection of Ye et al., Algorithm 1, per channel group), then the
+    result (`_finish`). Each finished layer is a checkpoint boundary (resume after a requeue)."""
+    model = ctx.model
+    gens = stream_generators(ctx.generator)
+    example = example_input(ctx)
+    changed = structured.disable_inplace(model)
+    gm = structured.traced(model)
+    groups = find_groups(model, example, gm=gm)
+    patterns = ["*"] if cfg.layers is None else [cfg.layers] if isinstance(cfg.layers, str) else list(cfg.layers)
+    chosen = [g for g in groups if any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
+    if not chosen:
+        raise ConfigError("method.layers", patterns, ", ".join(g.name for g in groups), "matches no channel group")
+    targets, reachable = _layer_targets(ctx, cfg, groups, [g.name for g in chosen], example)
+    calib = ctx.data.calib
+    eval_idx = torch.arange(0, len(calib), max(1, math.ceil(len(calib) / cfg.eval_size)))
+    masker = structured.ChannelMasker(model, groups)
+    info: dict[str, Any] = {"budget": cfg.budget}
+    if targets is not None and cfg.budget in ("flops", "params"):
+        info["budget_reachable"] = reachable
+    state = _SelectionState(model, masker, gens)
+    ckpt = getattr(ctx, "checkpoint", None)
+    done = ckpt.resume("gfs", None, state) if ckpt is not None else 0  # layers finished before a requeue
+    try:
+        for li, g in enumerate(tqdm(chosen, desc="gfs layers", leave=False, disable=not ctx.progress)):
+            if li < done:
+                continue
+            row = _select_layer(ctx, cfg, gm, g, masker, gens, eval_idx, None if targets is None else targets[g.name])
+            state.selected += row["kept"]
+            if ctx.log is not None:
+                ctx.log(row)
+            if ckpt is not None:
+                ckpt.save("gfs", li + 1, None, state)
+        if cfg.final_finetune_epochs > 0:
+            _finetune(ctx, cfg, cfg.final_finetune_epochs, gens, "gfs_final_finetune", log=True)
+    finally:
+        masker.remove()
+        structured.restore_inplace(changed)
+    model.eval()
+    info["selected_channels"] = state.selected
+    return _finish(ctx, cfg, groups, masker, example, info)
+
+
+def _select_layer(ctx: TrainContext, cfg: Config, gm: Any, g: Any, masker: Any, gens: dict[str, torch.Generator],
+                  eval_idx: torch.Tensor, k_target: int | None) -> dict[str, Any]:
+    """Greedy forward selection of the channels of group `g` (scored on the cached activations of
+    the evaluation subset, mini-batches drawn from the method stream, under the noise hooks when
+    `noise_hooks`), its scale set on the masker, optional layer fine-tuning; returns the log row."""
+    model, calib = ctx.model, ctx.data.calib
+    noisy = cfg.noise_hooks and ctx.noise is not None and getattr(ctx.noise, "kind", "none") != "none"
+    full_mask = torch.ones(ctx.layout.numel, dtype=torch.bool, device=ctx.device)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(len(calib), generator=gens["method"])[: cfg.batch_size]
+        x, y = load_batch(calib, idx, ctx.device)
+        if noisy:
+            with torch.enable_grad():
+                x = ctx.noise.calibration_inputs(model, x, y, gens["inputs"])
+            model.zero_grad(set_to_none=True)
+        return x.detach(), y
+
+    def weight_context() -> Any:
+        if noisy:
+            return ctx.noise.calibration_weights(model, ctx.layout, full_mask, gens["weights"])
+        return contextlib.nullcontext()
+
+    model.eval()
+    scorer = LayerScorer(gm, g, chunk=cfg.candidate_chunk)
+    with masker.disabled(g.name), torch.no_grad():
+        cached = []
+        for ch in _chunks(eval_idx.numel(), cfg.batch_size):
+            x, y = load_batch(calib, eval_idx[ch], ctx.device)
+            cached.append((scorer.capture(x), y))
+        init_loss, init_top1 = eval_cached(scorer, cached, torch.ones(g.size))
+        selected, _losses = greedy_select(
+            scorer, next_batch, gens["method"], num_evaluate=cfg.num_evaluate, k_target=k_target,
+            eval_top1=lambda sel: eval_cached(scorer, cached, alpha_scale(sel, g.size))[1],
+            init_top1=init_top1, top1_tol=cfg.top1_tol, skip_eval_converge=cfg.skip_eval_converge,
+            context=weight_context, progress=ctx.progress)
+        scale = None if len(selected) >= g.size else alpha_scale(selected, g.size).to(ctx.device)
+        loss, top1 = eval_cached(scorer, cached, scale if scale is not None else torch.ones(g.size))
+    masker.set(g.name, scale)
+    row = {"phase": "gfs", "layer": g.name, "kept": len(selected), "width": g.size,
+           "init_loss": init_loss, "init_top1": init_top1, "loss": loss, "top1": top1}
+    if scale is not None and cfg.layer_finetune_epochs > 0:
+        _finetune(ctx, cfg, cfg.layer_finetune_epochs, gens, f"gfs_layer_finetune {g.name}")
+        model.eval()
+        ft = evaluate(model, Subset(calib, eval_idx.tolist()), ctx.device, cfg.batch_size)
+        row.update(finetuned_loss=ft["loss"], finetuned_top1=ft["acc"])
+    return row
 
 
 def _finetune(ctx: TrainContext, cfg: Config, epochs: float, gens: dict[str, torch.Generator], phase: str,
