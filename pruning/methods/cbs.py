@@ -211,6 +211,51 @@ def swap_deltas(obj: SwapObjective, w: np.ndarray, R: np.ndarray, i: int,
     return delta, gi, Gj
 
 
+def _group_pass(obj: SwapObjective, w: np.ndarray, R: np.ndarray, pruned: np.ndarray, group: np.ndarray,
+                alpha: np.ndarray, beta: np.ndarray, cfg: Config,
+                swap: Callable[[int, int, np.ndarray, np.ndarray], None]) -> int:
+    """One pass of the search over one group (the rules in `local_search`); returns the swaps made
+    (0: the group's search is over: its top pair is not a valid swap, or nothing to swap)."""
+    N = obj.N
+    drop, J = group[pruned[group]], group[~pruned[group]]
+    if len(drop) == 0 or len(J) == 0:
+        return 0
+    drop = drop[np.argsort(-alpha[drop], kind="stable")]
+    i0 = drop[0]
+    gamma0 = np.zeros(len(J))
+    same = obj.bid[J] == obj.bid[i0]
+    if same.any():
+        gi0 = obj.gather(np.array([i0]))[:, 0]
+        gamma0[same] = 2.0 / N * w[i0] * w[J[same]] * (obj.gather(J[same]).T @ gi0)
+    J = J[np.argsort(beta[J] - gamma0, kind="stable")]
+    delta, gi, Gj = swap_deltas(obj, w, R, int(i0), J[:1])
+    if not delta[0] < -cfg.epsilon:  # the best-ranked pair does not improve: converged
+        return 0
+    swap(int(i0), int(J[0]), gi, Gj[:, 0])
+    swaps = 1
+    used = np.zeros(len(J), dtype=bool)
+    used[0] = True
+    misses = 0
+    for pos in range(1, len(drop)):
+        if misses > cfg.max_no_match:
+            break
+        lo, hi = max(1, pos - cfg.range), min(len(J), pos + cfg.range)
+        cand = np.arange(lo, hi)[~used[lo:hi]] if lo < hi else np.arange(0)
+        hits = np.arange(0)
+        if len(cand):
+            i = int(drop[pos])
+            delta, gi, Gj = swap_deltas(obj, w, R, i, J[cand])
+            hits = np.nonzero(delta < -cfg.epsilon)[0]
+        if not len(hits):
+            misses += 1
+            continue
+        found = int(hits[0])
+        swap(i, int(J[cand[found]]), gi, Gj[:, found])
+        used[cand[found]] = True
+        swaps += 1
+    return swaps
+
+
 def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: list[np.ndarray],
                  cfg: Config, progress: bool = False, score: Callable[[np.ndarray], float] | None = None,
                  ) -> tuple[np.ndarray, dict[str, float | int | str]]:
@@ -256,44 +301,10 @@ def local_search(obj: SwapObjective, w: np.ndarray, pruned: np.ndarray, groups: 
         alpha = (2.0 * w * t - wsq * obj.csq) / N
         beta = (2.0 * w * t + wsq * obj.csq) / N
         for gnum, group in enumerate(groups):
-            drop, J = group[pruned[group]], group[~pruned[group]]
-            if done[gnum] or len(drop) == 0 or len(J) == 0:
-                done[gnum] = True
-                continue
-            drop = drop[np.argsort(-alpha[drop], kind="stable")]
-            i0 = drop[0]
-            gamma0 = np.zeros(len(J))
-            same = obj.bid[J] == obj.bid[i0]
-            if same.any():
-                gi0 = obj.gather(np.array([i0]))[:, 0]
-                gamma0[same] = 2.0 / N * w[i0] * w[J[same]] * (obj.gather(J[same]).T @ gi0)
-            J = J[np.argsort(beta[J] - gamma0, kind="stable")]
-            delta, gi, Gj = swap_deltas(obj, w, R, int(i0), J[:1])
-            if not delta[0] < -cfg.epsilon:  # the best-ranked pair does not improve: converged
-                done[gnum] = True
-                continue
-            swap(int(i0), int(J[0]), gi, Gj[:, 0])
-            swaps_total += 1
-            used = np.zeros(len(J), dtype=bool)
-            used[0] = True
-            misses = 0
-            for pos in range(1, len(drop)):
-                if misses > cfg.max_no_match:
-                    break
-                lo, hi = max(1, pos - cfg.range), min(len(J), pos + cfg.range)
-                cand = np.arange(lo, hi)[~used[lo:hi]] if lo < hi else np.arange(0)
-                hits = np.arange(0)
-                if len(cand):
-                    i = int(drop[pos])
-                    delta, gi, Gj = swap_deltas(obj, w, R, i, J[cand])
-                    hits = np.nonzero(delta < -cfg.epsilon)[0]
-                if not len(hits):
-                    misses += 1
-                    continue
-                found = int(hits[0])
-                swap(i, int(J[cand[found]]), gi, Gj[:, found])
-                used[cand[found]] = True
-                swaps_total += 1
+            if not done[gnum]:
+                made = _group_pass(obj, w, R, pruned, group, alpha, beta, cfg, swap)
+                done[gnum] = made == 0
+                swaps_total += made
         bar.update(1)
         if score is not None:
             scores.append(float(score(pruned)))
