@@ -17,10 +17,12 @@ M_ij = (y_i - yhat_j(w_t))^2, computed once at w_t and held fixed for the stage:
   eps = epsilon x median(M) (`epsilon_units: median`, the default: scale-free) or eps = epsilon in
   raw cost units (`raw`, the reference code's --reg). `sinkhorn_method: auto` runs POT's plain
   scaling iterations (one N x N matrix-vector product per half-step) and, when they break down
-  (the scalings overflow: large max(M)/eps with mass crossing large costs), `stabilized_sinkhorn`
-  (absorption and epsilon scaling, also matrix-vector products; `sinkhorn_log`, POT's log
-  domain, costs 10-100x more per iteration). Each stage records sinkhorn_iterations,
-  sinkhorn_converged and the marginal error (absolute, and relative to 1/N).
+  (the scalings overflow: large max(M)/eps with mass crossing large costs) or stall (their linear
+  rate degrades as max(M)/eps grows: heavy-tailed targets, the default scale-free epsilon), Newton's
+  method on the semi-dual (`newton_sinkhorn`: quadratic convergence, tens of steps; the
+  alternatives `stabilized` (absorption and epsilon scaling) and `sinkhorn_log` stay selectable).
+  Each stage records sinkhorn_iterations, sinkhorn_converged and the marginal error (absolute,
+  and relative to 1/N).
 
   Default epsilon = 0.01 (median units), chosen from the plan, not from accuracy. Measure the
   plan by exp(H)/N, the (geometric) number of transport partners per target: 1 for a permutation
@@ -91,7 +93,8 @@ from pruning.sparse_regression import (
     solve_info,
 )
 
-SINKHORN_METHODS = ("auto", "sinkhorn", "stabilized", "sinkhorn_log")
+SINKHORN_METHODS = ("auto", "sinkhorn", "newton", "stabilized", "sinkhorn_log")
+AUTO_PLAIN_ITER = 1000  # auto: plain scalings first, Newton when they have not converged by then
 PLANS = ("ot", "identity")
 EPSILON_UNITS = ("raw", "median")
 
@@ -112,7 +115,8 @@ class Config(SolverConfig):
     # paper: G^T (N Pi)(G w - y) + N lam (w - w_bar) | gradient: exact gradient of the EWR objective
     direction: str = "paper"
     plan: str = "ot"                 # ot | identity (Pi = I/N: the LR arm)
-    # auto (plain; stabilized epsilon scaling when they overflow) | sinkhorn | stabilized | sinkhorn_log
+    # auto (plain scalings; semi-dual Newton when they overflow or have not converged after
+    # AUTO_PLAIN_ITER) | sinkhorn | newton | stabilized | sinkhorn_log
     sinkhorn_method: str = "auto"
     # POT numItermax (the SWAP code: 5000; the stage row records sinkhorn_iterations and sinkhorn_converged)
     sinkhorn_max_iter: int = 5000
@@ -204,10 +208,123 @@ def stabilized_sinkhorn(M: torch.Tensor, epsilon: float, max_iter: int = 5000, t
     return P, {"iterations": total, "levels": len(levels), "err": err}
 
 
+def _rows_exact(M: torch.Tensor, g: torch.Tensor, eps: float, log_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For column potentials g, the row potentials f that make every row sum exact,
+    f_i = eps (log a_i - logsumexp_j (g_j - M_ij) / eps), and the plan P_ij = exp((f_i + g_j - M_ij) / eps)."""
+    logits = (g[None, :] - M) / eps
+    lse = torch.logsumexp(logits, dim=1)
+    return eps * (log_a - lse), torch.exp(logits + (log_a - lse)[:, None])
+
+
+DENSE_NEWTON_MAX = 4096  # N up to which the Newton system is solved directly (O(N^3), exact), else CG
+
+
+def _newton_direction(P: torch.Tensor, a: torch.Tensor, r: torch.Tensor, rtol: float,
+                      max_cg: int) -> tuple[torch.Tensor, int]:
+    """Solve A d = r with A = diag(P^T 1) - P^T diag(1/a) P (minus the semi-dual Hessian times eps:
+    PSD, null space the constants, r orthogonal to them).
+
+    N <= DENSE_NEWTON_MAX: directly, on A + 1 1^T mean(diag A) / N (same solution orthogonal to the
+    constants, nonsingular), with the diagonal formed as sum_i P_ij (1 - P_ij / a_i) so that a
+    near-permutation plan (A tiny and ill-conditioned: weakly coupled chains of points in the tails)
+    loses nothing to cancellation; returns (d, 0). Larger N: Jacobi-preconditioned CG, matrix-free
+    in the covariance form (A v)_j = sum_i P_ij (v_j - m_i), m = diag(1/a) P v (O(N^2) a step)."""
+    Q = P / a[:, None]
+    n = P.shape[0]
+    diag = (P * (1.0 - Q)).sum(0)
+    if n <= DENSE_NEWTON_MAX:
+        A = -(P.T @ Q)
+        A.diagonal().copy_(diag)
+        A += float(diag.mean().clamp_min(1e-300)) / n
+        return torch.linalg.solve(A, r), 0
+
+    def apply(v: torch.Tensor) -> tuple[torch.Tensor, float]:
+        dev = v[None, :] - (Q @ v)[:, None]
+        Pdev = P * dev
+        return Pdev.sum(0), float((Pdev * dev).sum())  # A v and v^T A v (a sum of squares: >= 0)
+
+    diag = diag.clamp_min(1e-300)
+    d, res = torch.zeros_like(r), r.clone()
+    z = res / diag
+    q, rz, target, k = z.clone(), float(res @ z), rtol * float(r.norm()), 0
+    while k < max_cg:
+        k += 1
+        Aq, curv = apply(q)
+        if not curv > 0:
+            break
+        step = rz / curv
+        d, res = d + step * q, res - step * Aq
+        if float(res.norm()) <= target:
+            break
+        z = res / diag
+        rz_new = float(res @ z)
+        q, rz = z + (rz_new / rz) * q, rz_new
+    return d, k
+
+
+def newton_sinkhorn(M: torch.Tensor, epsilon: float, max_iter: int = 5000, tol: float = 1e-7,
+                    factor: float = 0.5, max_cg: int = 200) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Entropic OT by Newton's method on the semi-dual (Brauer, Clason, Lorenz & Wirth, "A
+    Sinkhorn-Newton method for entropic optimal transport", 2017; the semi-dual of Cuturi & Peyre,
+    "A smoothed dual approach for variational Wasserstein problems", SIAM J. Imaging Sci. 2016).
+
+    With the row potentials eliminated (rows exact, `_rows_exact`), the dual is the concave function
+    S(g) = <a, f(g)> + <b, g> of the column potentials, with gradient b - P^T 1 (the column
+    marginal error, POT's stopping quantity) and Hessian -(diag(P^T 1) - P^T diag(1/a) P) / eps.
+    Each iteration takes the inexact Newton step (CG, forcing term min(0.5, sqrt(err))) and
+    backtracks until S rises (Armijo 1e-4). Where Sinkhorn's linear rate degrades as max(M)/eps
+    grows (the stall at the default scale-free epsilon and with heavy-tailed targets), Newton
+    converges quadratically near the optimum. epsilon runs down geometrically (x `factor`) from
+    max(M) (each level warm-started, solved to max(tol, 1e-3 / N)) so early steps are well
+    conditioned. Stops on ||P^T 1 - 1/N||_2 < tol at `epsilon`, or after `max_iter` Newton steps
+    over all levels. Uniform marginals; M is (N, N) float64; memory a few N x N arrays.
+    """
+    n = M.shape[0]
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    log_a = a.log()
+    levels, e = [], max(float(M.max()), epsilon)
+    while e > epsilon:
+        levels.append(e)
+        e *= factor
+    levels.append(epsilon)
+    g = torch.zeros_like(a)
+    total, cg_total, err = 0, 0, math.inf
+    for li, e in enumerate(levels):
+        level_tol = tol if li == len(levels) - 1 else max(tol, 1e-3 / n)
+        f, P = _rows_exact(M, g, e, log_a)
+        while total < max_iter:
+            r = a - P.sum(0)
+            err = float(r.norm())
+            if err < level_tol:
+                break
+            d, k = _newton_direction(P, a, r, min(0.5, math.sqrt(err)), max_cg)
+            d = e * d
+            cg_total, total = cg_total + k, total + 1
+            S0, slope, t = float(a @ f + a @ g), float(r @ d), 1.0
+            while True:  # backtracking on the concave semi-dual
+                f_new, P_new = _rows_exact(M, g + t * d, e, log_a)
+                # Armijo on S, or (near the optimum, where S changes below float64 resolution)
+                # a smaller marginal error
+                if (float(a @ f_new + a @ (g + t * d)) >= S0 + 1e-4 * t * slope
+                        or float((a - P_new.sum(0)).norm()) < (1 - 1e-4 * t) * err or t < 1e-10):
+                    break
+                t *= 0.5
+            g, f, P = g + t * d, f_new, P_new
+        if total >= max_iter:
+            break
+    err = float((P.sum(0) - a).norm())
+    return P, {"iterations": total, "levels": len(levels), "err": err, "cg_iterations": cg_total}
+
+
 def sinkhorn_plan(y: torch.Tensor, yhat: torch.Tensor, epsilon: float, method: str = "auto",
                   max_iter: int = 5000, tol: float = 1e-7) -> tuple[DensePlan, dict[str, Any]]:
-    """Entropic OT plan between uniform marginals on the 1-D squared cost (POT's Sinkhorn, or the
-    stabilized epsilon-scaling iterations of `stabilized_sinkhorn`)."""
+    """Entropic OT plan between uniform marginals on the 1-D squared cost: POT's Sinkhorn, the
+    semi-dual Newton iterations of `newton_sinkhorn`, or the stabilized epsilon-scaling iterations
+    of `stabilized_sinkhorn`.
+
+    `auto` runs the plain scalings (fast where they converge: tens of iterations) for at most
+    `AUTO_PLAIN_ITER` iterations and, when they overflow or have not met `tol` by then, switches to
+    Newton with the rest of the budget; the row records both counts."""
     import ot
 
     if not epsilon > 0 or math.isinf(epsilon):
@@ -219,37 +336,38 @@ def sinkhorn_plan(y: torch.Tensor, yhat: torch.Tensor, epsilon: float, method: s
     M = Mt.numpy()
     n = M.shape[0]
     a = np.full(n, 1.0 / n)
-    ratio = float(M.max()) / epsilon
-    chosen = "sinkhorn" if method == "auto" else method
-    levels = 1
+    extra: dict[str, Any] = {"sinkhorn_levels": 1}
 
-    def run(name: str) -> tuple[torch.Tensor, int]:
-        if name == "stabilized":
-            P, log = stabilized_sinkhorn(Mt, epsilon, max_iter, tol)
-            nonlocal levels
-            levels = log["levels"]
+    def run(name: str, budget: int) -> tuple[torch.Tensor, int]:
+        if name in ("stabilized", "newton"):
+            P, log = (stabilized_sinkhorn if name == "stabilized" else newton_sinkhorn)(Mt, epsilon, budget, tol)
+            extra["sinkhorn_levels"] = log["levels"]
+            if "cg_iterations" in log:
+                extra["sinkhorn_cg_iterations"] = log["cg_iterations"]
             return P, log["iterations"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            P, log = ot.sinkhorn(a, a, M, epsilon, method=name, numItermax=max_iter, stopThr=tol,
-                                 log=True, warn=False)
+            P, log = ot.sinkhorn(a, a, M, epsilon, method=name, numItermax=budget, stopThr=tol, log=True, warn=False)
         niter = log.get("niter")
         return torch.from_numpy(np.asarray(P, dtype=np.float64)), int(niter) + 1 if niter is not None else -1
 
-    P, iters = run(chosen)
+    def column_error(P: torch.Tensor) -> float:
+        return float((P.sum(0) - 1.0 / n).norm()) if bool(torch.isfinite(P).all()) else math.inf
+
+    chosen = "sinkhorn" if method == "auto" else method
+    budget = min(max_iter, AUTO_PLAIN_ITER) if method == "auto" else max_iter
+    P, iters = run(chosen, budget)
+    col_err = column_error(P)
     # POT stops early either on convergence (column-marginal L2 error < tol) or when the plain
-    # scalings overflow (it then returns the last finite iterate, whose marginals are off); `auto`
-    # then switches to the stabilized iterations (matrix-vector products like the plain ones;
-    # the log domain costs a log-sum-exp over N x N per half-step, 10-100x more)
-    col_err = float((P.sum(0) - 1.0 / n).norm()) if bool(torch.isfinite(P).all()) else math.inf
-    broken = not math.isfinite(col_err) or (0 <= iters < max_iter and col_err >= tol)
-    if broken and method == "auto":
-        chosen = "stabilized"
-        P, iters = run(chosen)
-        col_err = float((P.sum(0) - 1.0 / n).norm()) if bool(torch.isfinite(P).all()) else math.inf
-    info = {"sinkhorn_method": chosen, "sinkhorn_iterations": iters, "sinkhorn_converged": col_err < tol,
-            "sinkhorn_levels": levels, "marginal_error": marginal_error(P),
-            "marginal_error_rel": n * marginal_error(P), "cost_max_over_epsilon": ratio}
+    # scalings overflow (it then returns the last finite iterate, whose marginals are off)
+    if method == "auto" and not col_err < tol and max_iter > max(iters, 0):
+        extra["sinkhorn_plain_iterations"] = iters
+        chosen = "newton"
+        P, iters = run(chosen, max_iter - max(iters, 0))
+        col_err = column_error(P)
+    info = {"sinkhorn_method": chosen, "sinkhorn_iterations": iters, "sinkhorn_converged": col_err < tol, **extra,
+            "marginal_error": marginal_error(P), "marginal_error_rel": n * marginal_error(P),
+            "cost_max_over_epsilon": float(M.max()) / epsilon}
     return DensePlan(P), info
 
 
