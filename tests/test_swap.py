@@ -71,13 +71,14 @@ def clusters(n: int = 40, seed: int = 0, gap: float = 30.0) -> tuple[torch.Tenso
 
 @pytest.mark.parametrize("pts,eps,log_domain", [
     ("gauss", 10.0, False), ("gauss", 1.0, False), ("gauss", 0.1, False),
-    ("clusters", 50.0, False), ("clusters", 3.0, False), ("clusters", 1.0, True), ("clusters", 0.5, True)])
+    ("clusters", 50.0, False), ("clusters", 3.0, True), ("clusters", 1.0, True), ("clusters", 0.5, True)])
 def test_sinkhorn_marginals_and_gibbs_form(pts, eps, log_domain):
     y, yhat = points() if pts == "gauss" else clusters()
     M = swap.cost_matrix(y, yhat)
     plan, info = swap.sinkhorn_plan(y, yhat, eps, max_iter=50000, tol=1e-10)
-    # auto: the plain iterations unless they overflow (large max(M)/eps with mass crossing the gap),
-    # then semi-dual Newton
+    # auto: the plain iterations unless they overflow (large max(M)/eps with mass crossing the gap)
+    # or stall (at 3.0 the error stays at 9e-2 for ~400 iterations before the mass crosses the gap:
+    # the progress test after the probe switches), then semi-dual Newton
     assert (info["sinkhorn_method"] == "newton") == log_domain
     assert info["sinkhorn_converged"] and info["sinkhorn_iterations"] < 50000
     assert info["cost_max_over_epsilon"] == pytest.approx(float(M.max()) / eps)
