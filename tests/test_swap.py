@@ -70,15 +70,16 @@ def clusters(n: int = 40, seed: int = 0, gap: float = 30.0) -> tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("pts,eps,log_domain", [
-    ("gauss", 10.0, False), ("gauss", 1.0, False), ("gauss", 0.1, False),
+    ("gauss", 10.0, False), ("gauss", 1.0, False), ("gauss", 0.1, True),
     ("clusters", 50.0, False), ("clusters", 3.0, True), ("clusters", 1.0, True), ("clusters", 0.5, True)])
 def test_sinkhorn_marginals_and_gibbs_form(pts, eps, log_domain):
     y, yhat = points() if pts == "gauss" else clusters()
     M = swap.cost_matrix(y, yhat)
     plan, info = swap.sinkhorn_plan(y, yhat, eps, max_iter=50000, tol=1e-10)
     # auto: the plain iterations unless they overflow (large max(M)/eps with mass crossing the gap)
-    # or stall (at 3.0 the error stays at 9e-2 for ~400 iterations before the mass crosses the gap:
-    # the progress test after the probe switches), then semi-dual Newton
+    # or their progress test predicts no convergence within AUTO_PLAIN_ITER (gauss 0.1 at tol 1e-10:
+    # plain needs 790, its rate falls over the probe; clusters 3.0: the error stays at 9e-2 for ~400
+    # iterations before the mass crosses the gap), then semi-dual Newton
     assert (info["sinkhorn_method"] == "newton") == log_domain
     assert info["sinkhorn_converged"] and info["sinkhorn_iterations"] < 50000
     assert info["cost_max_over_epsilon"] == pytest.approx(float(M.max()) / eps)
@@ -348,6 +349,54 @@ def test_sinkhorn_converges_below_cap_with_heavy_tails(tol):
     # the same plan as the log domain (independent solver)
     ref, _ = swap.sinkhorn_plan(y, yhat, info["epsilon_used"], method="sinkhorn_log", max_iter=100000, tol=1e-11)
     assert torch.allclose(P, ref.dense(), rtol=0, atol=1e-7)
+
+
+def test_progress_test_of_the_plain_iterations():
+    """Geometric decrease: converges when the budget allows; a rate that decays like a power law
+    (MLPNet's stall, error ~ t^-0.65) or no progress: predicted not to."""
+    geometric = [1e-2 * 0.8 ** j for j in range(10)]  # per 10 iterations, checks at 0 ... 90
+    need = 90 + 10 * math.log(1e-7 / geometric[-1]) / math.log(0.8)  # ~ 480 iterations
+    assert swap.plain_will_converge(geometric, 1e-7, 1000) and not swap.plain_will_converge(geometric, 1e-7, int(need) - 50)
+    power = [1e-3 * (10 * j + 10) ** -0.65 for j in range(10)]
+    assert not swap.plain_will_converge(power, 1e-7, 1000)
+    assert not swap.plain_will_converge([9e-2] * 10, 1e-7, 1000)  # no progress
+    assert not swap.plain_will_converge([1e-2, 5e-3], 1e-7, 1000)  # too short a history to judge
+
+
+def test_auto_switches_to_newton_after_the_probe_on_a_stall():
+    """Gaussian targets at 0.01 x median (N = 200): the plain scalings are still at a relative error
+    ~2e-2 after 1,000 iterations. auto stops them after the probe and Newton, warm-started from
+    their potentials, meets the marginals in a few steps, with the plan of Newton from the start."""
+    y, yhat = points(200, seed=6)
+    eps = 0.01 * float(swap.cost_matrix(y, yhat).median())
+    plan, info = swap.sinkhorn_plan(y, yhat, eps)
+    assert info["sinkhorn_switch"] == "stall" and info["sinkhorn_plain_iterations"] == swap.AUTO_PROBE_ITER
+    assert info["sinkhorn_method"] == "newton" and info["sinkhorn_newton_start"] == "warm"
+    assert info["sinkhorn_converged"] and info["sinkhorn_iterations"] < 30 and info["sinkhorn_levels"] == 1
+    cold, cinfo = swap.sinkhorn_plan(y, yhat, eps, method="newton")
+    assert cinfo["sinkhorn_converged"] and cinfo["sinkhorn_levels"] > 1
+    assert torch.allclose(plan.dense(), cold.dense(), rtol=0, atol=1e-7)  # entries ~1 / 200
+    # a warm start that cannot be used (mass not yet across the gap: singular Newton matrix) starts cold
+    y, yhat = clusters()
+    plan, info = swap.sinkhorn_plan(y, yhat, 3.0, max_iter=50000, tol=1e-10)
+    assert info["sinkhorn_switch"] == "stall" and info["sinkhorn_newton_start"] == "cold"
+    assert info["sinkhorn_converged"] and info["sinkhorn_levels"] > 1
+
+
+@pytest.mark.parametrize("rel,plain", [(1.0, 21), (0.1, 301)])
+def test_auto_keeps_the_plain_plan_where_it_converges(rel, plain):
+    """Where plain Sinkhorn converges (within the probe, or predicted to within AUTO_PLAIN_ITER and
+    then run again from the start), auto's plan is POT's, bit for bit."""
+    y, yhat = points(200, seed=6)
+    M = swap.cost_matrix(y, yhat)
+    eps = rel * float(M.median())
+    plan, info = swap.sinkhorn_plan(y, yhat, eps)
+    assert info["sinkhorn_method"] == "sinkhorn" and info["sinkhorn_switch"] == "none" and info["sinkhorn_converged"]
+    assert info["sinkhorn_iterations"] == plain
+    assert info["sinkhorn_plain_iterations"] == plain + (swap.AUTO_PROBE_ITER if plain > swap.AUTO_PROBE_ITER else 0)
+    a = np.full(200, 1 / 200)
+    ref = ot.sinkhorn(a, a, M.numpy(), eps, numItermax=swap.AUTO_PLAIN_ITER, stopThr=1e-7)
+    assert np.array_equal(plan.dense().numpy(), ref)
 
 
 def test_swap_beats_magnitude_on_digits(make_cfg, tmp_path, capsys):

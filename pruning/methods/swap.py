@@ -371,6 +371,7 @@ def sinkhorn_plan(y: torch.Tensor, yhat: torch.Tensor, epsilon: float, method: s
     stall predicted at the probe, or the plain cap reached) and how Newton started."""
     import ot
 
+    t0 = time.perf_counter()
     if not epsilon > 0 or math.isinf(epsilon):
         raise ValueError(f"epsilon={epsilon} must be finite and > 0 for Sinkhorn")
     choice(method, "method.sinkhorn_method", SINKHORN_METHODS)
@@ -382,10 +383,12 @@ def sinkhorn_plan(y: torch.Tensor, yhat: torch.Tensor, epsilon: float, method: s
     a = np.full(n, 1.0 / n)
     extra: dict[str, Any] = {"sinkhorn_levels": 1}
 
-    def run(name: str, budget: int, g0: torch.Tensor | None = None) -> tuple[torch.Tensor, int, dict[str, Any]]:
+    def run(name: str, budget: int, g0: torch.Tensor | None = None,
+            stop: float | None = None) -> tuple[torch.Tensor, int, dict[str, Any]]:
         if name in ("stabilized", "newton"):
             kw = {"g0": g0} if g0 is not None else {}
-            P, log = (stabilized_sinkhorn if name == "stabilized" else newton_sinkhorn)(Mt, epsilon, budget, tol, **kw)
+            P, log = (stabilized_sinkhorn if name == "stabilized" else newton_sinkhorn)(Mt, epsilon, budget,
+                                                                                        stop or tol, **kw)
             extra["sinkhorn_levels"] = log["levels"]
             return P, log["iterations"], log
         with warnings.catch_warnings():
@@ -408,7 +411,8 @@ def sinkhorn_plan(y: torch.Tensor, yhat: torch.Tensor, epsilon: float, method: s
     col_err = column_error(P)
     info = {"sinkhorn_method": chosen, "sinkhorn_iterations": iters, "sinkhorn_converged": col_err < tol, **extra,
             "marginal_error": marginal_error(P), "marginal_error_rel": n * marginal_error(P),
-            "cost_max_over_epsilon": float(M.max()) / epsilon}
+            "cost_max_over_epsilon": float(M.max()) / epsilon,
+            "sinkhorn_seconds": round(time.perf_counter() - t0, 4)}  # plan_seconds adds the stage's setup
     return DensePlan(P), info
 
 
@@ -440,7 +444,9 @@ def _auto_plan(run: Any, column_error: Any, plain_budget: int, max_iter: int, to
     v = torch.from_numpy(np.asarray(log.get("v", np.zeros(1)), dtype=np.float64))
     if not overflow and bool((v > 0).all()) and bool(torch.isfinite(v).all()):
         try:
-            Pw, it, wlog = run("newton", min(left, WARM_NEWTON_ITER), epsilon * v.log())
+            # past tol (one or two more quadratic steps): the plan is then the optimum's, not the
+            # start's, so it is the same for any nearby start (rescaled targets, y from G w or G^T)
+            Pw, it, wlog = run("newton", min(left, WARM_NEWTON_ITER), epsilon * v.log(), max(tol * 1e-3, 1e-13))
             newton, cg = it, wlog["cg_iterations"]
             if column_error(Pw) < tol:
                 P, start = Pw, "warm"
