@@ -573,6 +573,7 @@ def active_set_iht(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, 
     w = w0.clone()
     history: list[float] = []
     iterations, rounds, outliers_total, stop, capped = 0, 0, 0, "max_iter", False
+    stops: list[str] = []  # each round's IHT-LS stop, for the record (`stops`)
     s: _State | None = None
     while True:
         idx = active.nonzero().squeeze(1)
@@ -581,6 +582,7 @@ def active_set_iht(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, 
         res = iht_ls(objA, opA, w[idx], k, cfg)
         iterations += res.info["iterations"]
         stop = res.info["stop"]
+        stops.append(stop)
         capped = capped or stop == "max_iter"
         w = torch.zeros_like(w0)
         w[idx] = res.w
@@ -614,7 +616,8 @@ def active_set_iht(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, 
         w = s.w
         history.append(s.f)
     info = {"iterations": iterations, "active_set_rounds": rounds, "active_set_size": int(active.sum()),
-            "outliers_added": outliers_total, "L": L, "stop": stop, "capped": capped}
+            "outliers_added": outliers_total, "L": L, "stop": stop, "capped": capped,
+            "stops": ",".join(stops), "rounds_capped": stops.count("max_iter")}
     return SolveResult(s.w, s.mask, s.f, history, info)
 
 
@@ -632,17 +635,29 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
         yhat0 = op.matvec(w0).to(w0.dtype)
         _, mask, _, _ = _plain_step(obj, op, w0, yhat0, k, L)
     idx = mask.nonzero().squeeze(1)
-    dtype = w0.dtype
+    # The support system is solved in float64 whatever G's dtype: with N < k the Woodbury form
+    # subtracts two nearly equal vectors (c - G_S^T u), and on ill-conditioned float32 G (ResNet-20)
+    # that cancellation left the "exact" minimiser above the IHT iterate it was meant to improve.
+    dev, f64 = w0.device, torch.float64
     n, mu = obj.n, obj.nlam
-    omega = obj.omega.to(dtype)
-    w_bar_S = obj.w_bar[idx].to(dtype)
+    omega = obj.omega.to(dev, f64)
+
+    def chunks() -> Any:  # streamed (a float64 copy of G_S can exceed memory when N < k)
+        for pos, cols in op.column_chunks(idx.cpu()):
+            yield pos.to(dev), cols.to(device=dev, dtype=f64)
+
     # c = G_S^T Omega z + mu w_bar_S
-    c = op.rmatvec((omega * obj.z.to(dtype)).to(dtype)).to(dtype)[idx] + mu * w_bar_S
+    oz = omega * obj.z.to(dev, f64)
+    c = mu * obj.w_bar[idx].to(dev, f64)
+    for pos, cols in chunks():
+        c[pos] += cols.T @ oz
     if k == 0:
-        wS = torch.zeros(0, dtype=dtype, device=w0.device)
+        wS = torch.zeros(0, dtype=f64, device=dev)
         route = "empty"
     elif k <= n:
-        GS = op.dense_columns(idx.cpu(), dtype).to(w0.device)
+        GS = torch.empty(n, k, dtype=f64, device=dev)
+        for pos, cols in chunks():
+            GS[:, pos] = cols
         H = GS.T @ (omega[:, None] * GS)
         H.diagonal().add_(mu)
         wS = _spd_solve(H, c, "method.lam", cfg.lam)
@@ -651,19 +666,23 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
         if mu <= 0:
             raise ConfigError("method.lam", cfg.lam, "> 0 for algorithm=backsolve when N < k",
                               "makes the support system singular")
-        K = torch.zeros(n, n, dtype=dtype, device=w0.device)
-        for _, cols in op.column_chunks(idx.cpu()):
-            cols = cols.to(device=w0.device, dtype=dtype)
+        K = torch.zeros(n, n, dtype=f64, device=dev)
+        Gc = torch.zeros(n, dtype=f64, device=dev)
+        for pos, cols in chunks():
             K += cols @ cols.T
+            Gc += cols @ c[pos]
         sq = omega.clamp_min(0).sqrt()
         M = sq[:, None] * K * sq[None, :]
         M.diagonal().add_(mu)
-        full_c = torch.zeros(p, dtype=dtype, device=w0.device)
-        full_c[idx] = c
-        Ac = sq * op.matvec(full_c).to(dtype)                      # sqrt(Omega) G_S c
-        u = _spd_solve(M, Ac, "method.lam", cfg.lam)
-        wS = (c - op.rmatvec((sq * u).to(dtype)).to(dtype)[idx]) / mu  # Woodbury
+        u = _spd_solve(M, sq * Gc, "method.lam", cfg.lam)   # sqrt(Omega) G_S c on the right
+        su = sq * u
+        wS = c.clone()
+        for pos, cols in chunks():
+            wS[pos] -= cols.T @ su
+        wS /= mu  # Woodbury
         route = "woodbury"
+    dtype = w0.dtype
+    wS = wS.to(dtype)
     w = torch.zeros(p, dtype=dtype, device=w0.device)
     w[idx] = wS
     yhat = op.matvec(w).to(dtype)
