@@ -40,7 +40,8 @@ Solvers (CHITA, Benbaki et al. ICML 2023, `CHITA_opt/L0_card_const.py`; algorith
   halvings) and, when one lowers Q with support outside the set, the set grows and it repeats.
 * `backsolve`: CHITA `Heuristic_LS`: support = top-k |w_bar| (or one IHT step), then the exact
   minimiser on the support, (G_S^T Omega G_S + N lam I) w_S = G_S^T Omega z + N lam w_bar_S, solved
-  in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I).
+  in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I);
+  always in float64, G_S streamed in column chunks.
 
 Options (defaults = the original behaviour, which `swap` keeps; `lr` turns all three on):
 `drop_zero_columns` solves without the all-zero columns of G (CHITA `*_PP`; those weights stay
@@ -52,7 +53,8 @@ them); `finish: backsolve` replaces the final iterate by the exact minimiser on 
 Every objective value the solvers record is Q of the full p-vector; the recorded sequence never
 increases (steps that would increase it are rejected, and IHT-LS stops: info `stop` is ftol,
 max_iter, no_decrease, or no_descent when <grad Q, d_S> <= 0, which the paper direction can give
-for near-uniform plans; the SWAP code's step search then returns tau = 0 as well). No p x p matrix is ever formed; G is only
+for near-uniform plans; the SWAP code's step search then returns tau = 0 as well; `active_iht` also
+records `stops`, each round's stop, and `rounds_capped`). No p x p matrix is ever formed; G is only
 used through matvec / rmatvec and, for the active set and backsolve, through column subsets: the
 `GradientOperator` protocol (`pruning.gradients.operator`), whatever stores G.
 """
