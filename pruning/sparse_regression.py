@@ -41,7 +41,7 @@ Solvers (CHITA, Benbaki et al. ICML 2023, `CHITA_opt/L0_card_const.py`; algorith
 * `backsolve`: CHITA `Heuristic_LS`: support = top-k |w_bar| (or one IHT step), then the exact
   minimiser on the support, (G_S^T Omega G_S + N lam I) w_S = G_S^T Omega z + N lam w_bar_S, solved
   in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I);
-  always in float64, G_S streamed in column chunks.
+  factorised in G's dtype with float64 iterative refinement (a float64 factorisation when that fails).
 
 Options (defaults = the original behaviour, which `swap` keeps; `lr` turns all three on):
 `drop_zero_columns` solves without the all-zero columns of G (CHITA `*_PP`; those weights stay

@@ -36,8 +36,8 @@ lr's defaults beyond the solver shared with `swap` (whose defaults keep the orig
   until `max_iter` (info `max_iter_hit` records whether any inner solve hit the cap, `stops` how
   each active-set round ended).
 * ``finish: backsolve``: the final support gets the exact ridge minimiser above (CHITA
-  `Heuristic_LS` on the support IHT chose; info `objective_iht` is Q before it), solved in float64
-  whatever G's dtype.
+  `Heuristic_LS` on the support IHT chose; info `objective_iht` is Q before it), refined to the float64
+  solution whatever G's dtype.
 
 Never forms a p x p matrix; G is used through matvec / rmatvec and column subsets.
 """
