@@ -40,7 +40,8 @@ Solvers (CHITA, Benbaki et al. ICML 2023, `CHITA_opt/L0_card_const.py`; algorith
   halvings) and, when one lowers Q with support outside the set, the set grows and it repeats.
 * `backsolve`: CHITA `Heuristic_LS`: support = top-k |w_bar| (or one IHT step), then the exact
   minimiser on the support, (G_S^T Omega G_S + N lam I) w_S = G_S^T Omega z + N lam w_bar_S, solved
-  in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I).
+  in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I);
+  factorised in G's dtype with float64 iterative refinement (a float64 factorisation when that fails).
 
 Options (defaults = the original behaviour, which `swap` keeps; `lr` turns all three on):
 `drop_zero_columns` solves without the all-zero columns of G (CHITA `*_PP`; those weights stay
@@ -52,7 +53,8 @@ them); `finish: backsolve` replaces the final iterate by the exact minimiser on 
 Every objective value the solvers record is Q of the full p-vector; the recorded sequence never
 increases (steps that would increase it are rejected, and IHT-LS stops: info `stop` is ftol,
 max_iter, no_decrease, or no_descent when <grad Q, d_S> <= 0, which the paper direction can give
-for near-uniform plans; the SWAP code's step search then returns tau = 0 as well). No p x p matrix is ever formed; G is only
+for near-uniform plans; the SWAP code's step search then returns tau = 0 as well; `active_iht` also
+records `stops`, each round's stop, and `rounds_capped`). No p x p matrix is ever formed; G is only
 used through matvec / rmatvec and, for the active set and backsolve, through column subsets: the
 `GradientOperator` protocol (`pruning.gradients.operator`), whatever stores G.
 """
@@ -573,6 +575,7 @@ def active_set_iht(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, 
     w = w0.clone()
     history: list[float] = []
     iterations, rounds, outliers_total, stop, capped = 0, 0, 0, "max_iter", False
+    stops: list[str] = []  # each round's IHT-LS stop, for the record (`stops`)
     s: _State | None = None
     while True:
         idx = active.nonzero().squeeze(1)
@@ -581,6 +584,7 @@ def active_set_iht(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, 
         res = iht_ls(objA, opA, w[idx], k, cfg)
         iterations += res.info["iterations"]
         stop = res.info["stop"]
+        stops.append(stop)
         capped = capped or stop == "max_iter"
         w = torch.zeros_like(w0)
         w[idx] = res.w
@@ -614,7 +618,8 @@ def active_set_iht(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, 
         w = s.w
         history.append(s.f)
     info = {"iterations": iterations, "active_set_rounds": rounds, "active_set_size": int(active.sum()),
-            "outliers_added": outliers_total, "L": L, "stop": stop, "capped": capped}
+            "outliers_added": outliers_total, "L": L, "stop": stop, "capped": capped,
+            "stops": ",".join(stops), "rounds_capped": stops.count("max_iter")}
     return SolveResult(s.w, s.mask, s.f, history, info)
 
 
@@ -622,7 +627,6 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
               mask: torch.Tensor | None = None) -> SolveResult:
     """CHITA Heuristic_LS: fix a support (`mask`, or chosen by `cfg.backsolve_support`), then the
     exact ridge minimiser of Q on it."""
-    p = op.num_cols
     if mask is not None:
         k = int(mask.sum())
     elif cfg.backsolve_support == "magnitude":
@@ -632,53 +636,100 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
         yhat0 = op.matvec(w0).to(w0.dtype)
         _, mask, _, _ = _plain_step(obj, op, w0, yhat0, k, L)
     idx = mask.nonzero().squeeze(1)
-    dtype = w0.dtype
+    dtype, dev, f64 = w0.dtype, w0.device, torch.float64
     n, mu = obj.n, obj.nlam
-    omega = obj.omega.to(dtype)
-    w_bar_S = obj.w_bar[idx].to(dtype)
-    # c = G_S^T Omega z + mu w_bar_S
-    c = op.rmatvec((omega * obj.z.to(dtype)).to(dtype)).to(dtype)[idx] + mu * w_bar_S
+
+    def chunks(to: torch.dtype) -> Any:  # G_S streamed (a dense copy can exceed memory when N < k)
+        for pos, cols in op.column_chunks(idx.cpu()):
+            yield pos.to(dev), cols.to(device=dev, dtype=to)
+
+    def gs_t(r: torch.Tensor) -> torch.Tensor:  # G_S^T r in r's dtype
+        out = torch.empty(k, dtype=r.dtype, device=dev)
+        for pos, cols in chunks(r.dtype):
+            out[pos] = cols.T @ r
+        return out
+
+    def gs(v: torch.Tensor) -> torch.Tensor:  # G_S v in v's dtype
+        out = torch.zeros(n, dtype=v.dtype, device=dev)
+        for pos, cols in chunks(v.dtype):
+            out += cols @ v[pos]
+        return out
+
+    # c = G_S^T Omega z + mu w_bar_S, in float64 (the refinement's right-hand side)
+    c = gs_t(obj.omega.to(dev, f64) * obj.z.to(dev, f64)) + mu * obj.w_bar[idx].to(dev, f64)
     if k == 0:
-        wS = torch.zeros(0, dtype=dtype, device=w0.device)
-        route = "empty"
-    elif k <= n:
-        GS = op.dense_columns(idx.cpu(), dtype).to(w0.device)
-        H = GS.T @ (omega[:, None] * GS)
-        H.diagonal().add_(mu)
-        wS = _spd_solve(H, c, "method.lam", cfg.lam)
-        route = "primal"
-    else:
-        if mu <= 0:
-            raise ConfigError("method.lam", cfg.lam, "> 0 for algorithm=backsolve when N < k",
-                              "makes the support system singular")
-        K = torch.zeros(n, n, dtype=dtype, device=w0.device)
-        for _, cols in op.column_chunks(idx.cpu()):
-            cols = cols.to(device=w0.device, dtype=dtype)
+        return _embed_backsolve(obj, op, mask, torch.zeros(0, dtype=dtype, device=dev), dtype, "empty")
+    if k > n and mu <= 0:
+        raise ConfigError("method.lam", cfg.lam, "> 0 for algorithm=backsolve when N < k",
+                          "makes the support system singular")
+    route = "primal" if k <= n else "woodbury"
+    omega64 = obj.omega.to(dev, f64)
+
+    def factor(dt: torch.dtype) -> Any:
+        """An approximate solver of H x = rhs from a factorisation in `dt` (returns float64)."""
+        om = omega64.to(dt)
+        if route == "primal":
+            GS = op.dense_columns(idx.cpu(), dt).to(dev)
+            H = GS.T @ (om[:, None] * GS)
+            H.diagonal().add_(mu)
+            chol = _spd_factor(H)
+            return lambda rhs: _spd_apply(chol, rhs.to(dt), cfg.lam).to(f64)
+        K = torch.zeros(n, n, dtype=dt, device=dev)
+        for _, cols in chunks(dt):
             K += cols @ cols.T
-        sq = omega.clamp_min(0).sqrt()
+        sq = om.clamp_min(0).sqrt()
         M = sq[:, None] * K * sq[None, :]
         M.diagonal().add_(mu)
-        full_c = torch.zeros(p, dtype=dtype, device=w0.device)
-        full_c[idx] = c
-        Ac = sq * op.matvec(full_c).to(dtype)                      # sqrt(Omega) G_S c
-        u = _spd_solve(M, Ac, "method.lam", cfg.lam)
-        wS = (c - op.rmatvec((sq * u).to(dtype)).to(dtype)[idx]) / mu  # Woodbury
-        route = "woodbury"
-    w = torch.zeros(p, dtype=dtype, device=w0.device)
-    w[idx] = wS
+        chol = _spd_factor(M)
+
+        def woodbury(rhs: torch.Tensor) -> torch.Tensor:  # (rhs - G_S^T sq u) / mu
+            u = _spd_apply(chol, sq * gs(rhs.to(dt)), cfg.lam)
+            return (rhs - gs_t(sq * u).to(f64)) / mu
+        return woodbury
+
+    # Mixed-precision iterative refinement: factorise in G's dtype (fast), take the residual
+    # c - H w_S in float64; if that does not converge, factorise in float64. In float32 alone the
+    # Woodbury form subtracts nearly equal vectors and, on ill-conditioned G (ResNet-20), its answer
+    # was above the IHT iterate it was meant to improve (the finish was then silently skipped).
+    tol = 1e-10 * float(c.norm())
+    for dt in dict.fromkeys((dtype, f64)):
+        approx = factor(dt)
+        wS, last = approx(c), math.inf
+        for _ in range(10):
+            resid = c - (gs_t(omega64 * gs(wS)) + mu * wS)
+            size = float(resid.norm())
+            if size <= tol or not size < 0.5 * last:
+                break
+            last = size
+            wS = wS + approx(resid)
+        if size <= 1e3 * tol:
+            break
+    return _embed_backsolve(obj, op, mask, wS.to(dtype), dtype, route)
+
+
+def _embed_backsolve(obj: PlanRegression, op: GradientOperator, mask: torch.Tensor, wS: torch.Tensor,
+                     dtype: torch.dtype, route: str) -> SolveResult:
+    w = torch.zeros(op.num_cols, dtype=dtype, device=mask.device)
+    w[mask] = wS
     yhat = op.matvec(w).to(dtype)
     f = obj.value(w, yhat)
     return SolveResult(w, mask, f, [f], {"iterations": 0, "backsolve": route})
 
 
-def _spd_solve(A: torch.Tensor, b: torch.Tensor, key: str, value: Any) -> torch.Tensor:
+def _spd_factor(A: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """The Cholesky factor of A, or A itself (a general solve) when it is not numerically SPD."""
     L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
-        return torch.cholesky_solve(b[:, None], L).squeeze(1)
+    return ("chol", L) if int(info) == 0 else ("lu", A)
+
+
+def _spd_apply(fac: tuple[str, torch.Tensor], b: torch.Tensor, lam: float) -> torch.Tensor:
+    kind, M = fac
+    if kind == "chol":
+        return torch.cholesky_solve(b[:, None].to(M.dtype), M).squeeze(1)
     try:
-        return torch.linalg.solve(A, b)
+        return torch.linalg.solve(M, b.to(M.dtype))
     except RuntimeError as exc:
-        raise ConfigError(key, value, "a larger value", f"leaves the support system singular ({exc})") from None
+        raise ConfigError("method.lam", lam, "a larger value", f"leaves the support system singular ({exc})") from None
 
 
 def solve(op: GradientOperator, y: torch.Tensor, w_bar: torch.Tensor, w0: torch.Tensor, k: int, plan: Plan,

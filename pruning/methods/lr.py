@@ -33,9 +33,11 @@ lr's defaults beyond the solver shared with `swap` (whose defaults keep the orig
 * ``support_steps: cg``: while the support does not change, steps follow conjugate directions
   (Polak-Ribiere+, exact line search): on a fixed support Q is quadratic and these are linear CG
   steps, so the solve stops on its tolerance `ftol` instead of creeping at steepest descent's rate
-  until `max_iter` (info `max_iter_hit` records whether any inner solve hit the cap).
+  until `max_iter` (info `max_iter_hit` records whether any inner solve hit the cap, `stops` how
+  each active-set round ended).
 * ``finish: backsolve``: the final support gets the exact ridge minimiser above (CHITA
-  `Heuristic_LS` on the support IHT chose; info `objective_iht` is Q before it).
+  `Heuristic_LS` on the support IHT chose; info `objective_iht` is Q before it), refined to the float64
+  solution whatever G's dtype.
 
 Never forms a p x p matrix; G is used through matvec / rmatvec and column subsets.
 """
