@@ -427,8 +427,9 @@ def _auto_plan(run: Any, column_error: Any, plain_budget: int, max_iter: int, to
     plain = max(iters, 0)
     # POT stops early either on convergence (column-marginal L2 error < tol) or when the scalings
     # overflow (it then returns the last finite iterate, whose marginals are off)
-    overflow = 0 <= iters < probe and not column_error(P) < tol
-    if column_error(P) < tol:
+    converged = column_error(P) < tol
+    overflow = 0 <= iters < probe and not converged
+    if converged:
         extra.update(sinkhorn_plain_iterations=plain, sinkhorn_switch="none")
         return "sinkhorn", P, iters, extra
     reason = "overflow" if overflow else "stall"
