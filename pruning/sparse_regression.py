@@ -41,7 +41,9 @@ Solvers (CHITA, Benbaki et al. ICML 2023, `CHITA_opt/L0_card_const.py`; algorith
 * `backsolve`: CHITA `Heuristic_LS`: support = top-k |w_bar| (or one IHT step), then the exact
   minimiser on the support, (G_S^T Omega G_S + N lam I) w_S = G_S^T Omega z + N lam w_bar_S, solved
   in the N x N space by Woodbury when N < k (Cholesky of sqrt(Omega) G_S G_S^T sqrt(Omega) + N lam I);
-  factorised in G's dtype with float64 iterative refinement (a float64 factorisation when that fails).
+  factorised in G's dtype with float64 iterative refinement (a float64 factorisation when that fails;
+  info `backsolve_factor`, `backsolve_refinements`, `backsolve_residual`); G_S is gathered once when
+  a dense copy fits the operator's `max_resident_bytes`, else streamed by column chunks.
 
 Options (defaults = the original behaviour, which `swap` keeps; `lr` turns all three on):
 `drop_zero_columns` solves without the all-zero columns of G (CHITA `*_PP`; those weights stay
@@ -68,7 +70,7 @@ from typing import Any
 import torch
 
 from pruning.errors import ConfigError, choice
-from pruning.gradients.operator import ColumnView, DenseOperator, GradientOperator  # noqa: F401 (solvers' vocabulary)
+from pruning.gradients.operator import COLUMN_CHUNK, ColumnView, DenseOperator, GradientOperator  # noqa: F401 (solvers' vocabulary)
 from pruning.layout import topk_mask
 
 ALGORITHMS = ("active_iht", "iht", "backsolve")
@@ -639,9 +641,21 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
     dtype, dev, f64 = w0.dtype, w0.device, torch.float64
     n, mu = obj.n, obj.nlam
 
-    def chunks(to: torch.dtype) -> Any:  # G_S streamed (a dense copy can exceed memory when N < k)
-        for pos, cols in op.column_chunks(idx.cpu()):
-            yield pos.to(dev), cols.to(device=dev, dtype=to)
+    # G_S gathered once when a dense copy fits the operator's resident budget: the refinement below
+    # takes several products with G_S, and each gather (a disk read for a stored G) costs more than
+    # the product itself. Otherwise G_S is streamed by column chunks (N < k can exceed memory).
+    budget = op.max_resident_bytes
+    dense = (op.dense_columns(idx.cpu()).to(dev)
+             if budget is None or n * idx.numel() * op.dtype.itemsize <= budget else None)
+
+    def chunks(to: torch.dtype) -> Any:
+        if dense is None:
+            for pos, cols in op.column_chunks(idx.cpu()):
+                yield pos.to(dev), cols.to(device=dev, dtype=to)
+            return
+        for lo in range(0, idx.numel(), COLUMN_CHUNK):  # cast chunk by chunk: no second full-size copy
+            hi = min(lo + COLUMN_CHUNK, idx.numel())
+            yield torch.arange(lo, hi, device=dev), dense[:, lo:hi].to(to)
 
     def gs_t(r: torch.Tensor) -> torch.Tensor:  # G_S^T r in r's dtype
         out = torch.empty(k, dtype=r.dtype, device=dev)
@@ -669,7 +683,7 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
         """An approximate solver of H x = rhs from a factorisation in `dt` (returns float64)."""
         om = omega64.to(dt)
         if route == "primal":
-            GS = op.dense_columns(idx.cpu(), dt).to(dev)
+            GS = dense.to(dt) if dense is not None else op.dense_columns(idx.cpu(), dt).to(dev)
             H = GS.T @ (om[:, None] * GS)
             H.diagonal().add_(mu)
             chol = _spd_factor(H)
@@ -692,6 +706,7 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
     # Woodbury form subtracts nearly equal vectors and, on ill-conditioned G (ResNet-20), its answer
     # was above the IHT iterate it was meant to improve (the finish was then silently skipped).
     tol = 1e-10 * float(c.norm())
+    steps = 0
     for dt in dict.fromkeys((dtype, f64)):
         approx = factor(dt)
         wS, last = approx(c), math.inf
@@ -700,11 +715,14 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
             size = float(resid.norm())
             if size <= tol or not size < 0.5 * last:
                 break
-            last = size
+            last, steps = size, steps + 1
             wS = wS + approx(resid)
         if size <= 1e3 * tol:
             break
-    return _embed_backsolve(obj, op, mask, wS.to(dtype), dtype, route)
+    res = _embed_backsolve(obj, op, mask, wS.to(dtype), dtype, route)
+    res.info.update(backsolve_factor=str(dt).removeprefix("torch."), backsolve_refinements=steps,
+                    backsolve_residual=size / max(float(c.norm()), 1e-300))
+    return res
 
 
 def _embed_backsolve(obj: PlanRegression, op: GradientOperator, mask: torch.Tensor, wS: torch.Tensor,
@@ -797,7 +815,8 @@ def _solve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: int, 
     res.info["max_iter_hit"] = bool(res.info.pop("capped", res.info.get("stop") == "max_iter"))
     if cfg.finish == "backsolve":
         fin = backsolve(obj, op, w0, k, cfg, mask=res.mask)
-        res.info.update(objective_iht=res.objective, finish=fin.info["backsolve"])
+        res.info.update(objective_iht=res.objective, finish=fin.info["backsolve"],
+                        **{key: v for key, v in fin.info.items() if key.startswith("backsolve_")})
         if fin.objective <= res.objective:  # the exact minimiser on the support; guards rounding only
             res.w, res.objective = fin.w, fin.objective
             res.history.append(fin.objective)
