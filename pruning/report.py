@@ -129,10 +129,9 @@ def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def load_local(sweep_dir: str | Path) -> pd.DataFrame:
-    """All run records under a sweep directory (any depth; `report/` is ignored)."""
+    """All run records under a sweep directory (any depth; `report/` is ignored), one row per cell."""
     sweep_dir = Path(sweep_dir)
     rows = []
-    by_cell: dict[str, int] = {}  # cell_id -> row: one cell run twice (two ad-hoc sweeps) counts once
     for path in sorted(sweep_dir.glob("**/result.json")):
         rel = path.parent.relative_to(sweep_dir)
         if rel.parts[:1] == ("report",):
@@ -142,15 +141,29 @@ def load_local(sweep_dir: str | Path) -> pd.DataFrame:
             continue
         if rec.get("unreadable"):  # listed as a failed cell that names the file; the report goes on
             print(f"warning: {rec['error']}; listed as failed", file=sys.stderr, flush=True)
-        row, cid = flatten_record(rec, run=rel.as_posix()), rec.get("cell_id")
-        if cid in by_cell:  # keep a completed run over any other
-            if rec.get("status") == "completed" and rows[by_cell[cid]]["status"] != "completed":
-                rows[by_cell[cid]] = row
+        # one cell run twice (two ad-hoc sweeps into one folder) counts once
+        rows.append((rec.get("cell_id"), flatten_record(rec, run=rel.as_posix())))
+    return to_frame(one_row_per_cell(rows))
+
+
+def one_row_per_cell(keyed_rows: Iterable[tuple[str | None, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows in their order, one per key: a completed run over any other, then the later attempt, then
+    the first seen. Rows without a key (records written before cell ids existed) all stay."""
+    rows: list[dict[str, Any]] = []
+    at: dict[str, int] = {}
+
+    def rank(row: Mapping[str, Any]) -> tuple[bool, int]:
+        return row.get("status") == "completed", int(row.get("attempt") or 0)
+
+    for key, row in keyed_rows:
+        if key and key in at:
+            if rank(row) > rank(rows[at[key]]):
+                rows[at[key]] = row
             continue
-        if cid:
-            by_cell[cid] = len(rows)
+        if key:
+            at[key] = len(rows)
         rows.append(row)
-    return to_frame(rows)
+    return rows
 
 
 # history keys in a W&B summary are `<phase>/<key>` (pruning.tracking); record metrics may also hold
@@ -184,6 +197,7 @@ def record_from_wandb(run: Any) -> dict[str, Any] | None:
     return {
         "status": status,
         "run_id": config.get("run_id") or getattr(run, "id", None),
+        "cell_id": config.get("cell_id"),
         "sweep": index["sweep"],
         "overrides": list(config.get("overrides") or []),
         "index": index,
@@ -195,13 +209,15 @@ def record_from_wandb(run: Any) -> dict[str, Any] | None:
 
 
 def rows_from_wandb(runs: Iterable[Any]) -> list[dict[str, Any]]:
-    """Flat rows (same schema as `load_local`) from `wandb.Api().runs(...)` objects."""
+    """Flat rows (same schema as `load_local`) from `wandb.Api().runs(...)` objects, one per cell: an
+    attempt that started over is a new W&B run (`<run_id>-a<attempt>`) of the same record, and a
+    cell run by two ad-hoc sweeps of one group shares its `cell_id`."""
     rows = []
     for run in runs:
         rec = record_from_wandb(run)
         if rec is not None:
-            rows.append(flatten_record(rec, run=f"wandb:{getattr(run, 'id', '')}"))
-    return rows
+            rows.append((rec.get("cell_id") or rec.get("run_id"), flatten_record(rec, run=f"wandb:{getattr(run, 'id', '')}")))
+    return one_row_per_cell(rows)
 
 
 def load_wandb(path: str, group: str) -> pd.DataFrame:

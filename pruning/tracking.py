@@ -10,7 +10,7 @@ W&B mapping (one W&B run per job, created and finished inside the task):
   group     the sweep name;  job_type  the method;  tags  model, dataset, noise kind (+ logger.tags)
   name      a short label, e.g. `swap-s0.95-gradient1.0-seed3`
   config    flat index keys (model, dataset, method, schedule, noise, noise_level, sparsity, seed,
-            sweep, run_id, overrides) for grouping/filtering, plus the resolved config under `cfg`
+            sweep, run_id, cell_id, overrides) for grouping/filtering, plus the resolved config under `cfg`
   history   each logged row as `<phase>/<key>` (e.g. `prune/acc`, `finetune/loss`) at the task's
             own step counter, so steps re-logged after a resume are dropped, not duplicated.
             Each phase has its own x-axis (`wandb.define_metric`, on its first row): `<phase>/epoch`
@@ -104,6 +104,7 @@ def wandb_config(record_data: Mapping[str, Any], config: Mapping[str, Any]) -> d
     flat = {k: index.get(k) for k in ("model", "dataset", "method", "schedule", "noise", "noise_level",
                                       "sparsity", "seed", "sweep")}
     flat["run_id"] = record_data.get("run_id")
+    flat["cell_id"] = record_data.get("cell_id")  # what is computed: the report keeps one run per cell
     flat["overrides"] = list(record_data.get("overrides") or [])
     flat["cfg"] = dict(config)
     return flat

@@ -27,6 +27,7 @@ from pruning.report import (
     load_local,
     main,
     metric_label,
+    one_row_per_cell,
     paired_ci,
     paired_differences,
     paired_figures,
@@ -359,6 +360,29 @@ def test_wandb_runs_convert_to_the_local_schema(sweep_dir):
                                   remote[cols].sort_values(key).reset_index(drop=True), check_dtype=False)
     pd.testing.assert_frame_equal(summarize(local), summarize(remote))
     assert "prune/acc" not in remote.columns and "_step" not in remote.columns
+
+
+def test_wandb_attempts_and_repeats_of_a_cell_count_once(sweep_dir):
+    """An attempt that started over is a second W&B run (`<run_id>-a2`) of the same record: the report
+    keeps the completed one, whichever came first. Runs of one cell_id in two ad-hoc sweeps of a
+    group count once too; distinct cells are untouched."""
+    recs = [read_json(p) for p in sorted(sweep_dir.glob("**/result.json"))]
+    done = next(r for r in recs if r["status"] == "completed")
+    failed_first = {**done, "status": "failed", "attempt": 1, "metrics": {}, "error": "killed"}
+    retried = {**done, "attempt": 2}
+    runs = [_api_run(failed_first, "failed"), _api_run(retried)]
+    runs[1].id = f"{done['run_id']}-a2"
+    twin = {**done, "run_id": "another-sweep-run", "cell_id": "cell-x"}
+    twin_done = {**twin, "run_id": "third", "status": "completed"}
+    twin_failed = {**twin, "status": "failed", "metrics": {}}
+    other = next(r for r in recs if r["run_id"] != done["run_id"])
+    runs += [_api_run(twin_failed, "failed"), _api_run(twin_done), _api_run(other)]
+    rows = rows_from_wandb(runs)
+    assert [(r["run_id"], r["status"]) for r in rows] == [
+        (done["run_id"], "completed"), ("third", "completed"), (other["run_id"], other["status"])]
+    assert rows[0]["attempt"] == 2 and rows[0]["run"] == f"wandb:{done['run_id']}-a2"
+    assert one_row_per_cell([(None, {"status": "failed"}), (None, {"status": "completed"})]) == [
+        {"status": "failed"}, {"status": "completed"}]
 
 
 def test_to_wandb_offline_writes_report_run(sweep_dir, monkeypatch, capsys):
