@@ -342,3 +342,27 @@ def test_embedded_digits_shares_g_and_beats_magnitude(make_cfg, tmp_path, sessio
         accs[method] = m["final_acc"]
     assert {p.name for p in grads.iterdir()} == before  # cbs found woodfisher's G in the cache
     assert accs["cbs"] > accs["magnitude"], accs
+
+
+def test_float32_g_products_are_float64_slab_by_slab(monkeypatch):
+    """A float32 G times float64 residuals: computed in float64 slab by slab (numpy would upcast
+    the whole block at every pass), equal to the dense float64 products to rounding."""
+    import pruning.methods.cbs as cbs_mod
+
+    monkeypatch.setattr(cbs_mod, "_SLAB", 7)  # several slabs per block, a ragged last one
+    g = torch.Generator().manual_seed(5)
+    p, n = LAYOUT.numel, 9
+    G32 = torch.randn(n, p, generator=g).float()
+    blocks = LAYOUT.blocks(None)
+    Gm = GradientMatrix(blocks, [G32[:, sl].contiguous() for sl in blocks], torch.arange(n).view(n, 1))
+    obj = SwapObjective(Gm, blocks)
+    assert obj.cols[0].dtype == np.float32
+    u = np.random.default_rng(0).standard_normal(p)
+    G64 = G32.double().numpy()
+    R = obj.residuals(u)
+    ref_R = np.stack([G64[:, sl] @ u[sl] for sl in blocks], axis=1)
+    np.testing.assert_allclose(R, ref_R, rtol=1e-12, atol=1e-12)
+    t = obj.correlations(ref_R)
+    ref_t = np.concatenate([G64[:, sl].T @ ref_R[:, b] for b, sl in enumerate(blocks)])
+    np.testing.assert_allclose(t, ref_t, rtol=1e-12, atol=1e-12)
+    assert R.dtype == t.dtype == np.float64
