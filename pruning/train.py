@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from pruning.data import ImageTensorDataset
 from pruning.errors import ConfigError
 from pruning.layout import ParamLayout, apply_mask, get_params
 
@@ -98,6 +99,33 @@ def make_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.l
 
 
 @torch.no_grad()
+def tensor_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The batches a non-shuffling DataLoader would collate, sliced straight from the tensors of an
+    in-memory dataset without a transform (`ImageTensorDataset`, `TensorDataset`, or a `Subset` of
+    one); None for any other dataset. Same values, in the same batches: no per-example
+    __getitem__ and collate (2 s -> 0.1 s for 12,000 MNIST images, and cbs select=loss scores
+    dozens of masks so)."""
+    indices = None
+    if isinstance(dataset, Subset):
+        dataset, indices = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+    if isinstance(dataset, ImageTensorDataset) and dataset.transform is None:
+        images, targets = dataset.images, dataset.targets
+
+        def get(sel: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return images[sel].float().div_(255.0), targets[sel]
+    elif isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        xs, ys = dataset.tensors
+
+        def get(sel: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return xs[sel], ys[sel]
+    else:
+        return None
+    n = len(dataset) if indices is None else len(indices)
+    return (get(slice(lo, lo + batch_size) if indices is None else indices[lo:lo + batch_size])
+            for lo in range(0, n, batch_size))
+
+
+@torch.no_grad()  # no graph for the forward passes; an attack's `transform` re-enables grad for itself
 def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512,
              transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              num_workers: int = 0) -> dict[str, float]:
@@ -106,7 +134,10 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    batches = tensor_batches(dataset, batch_size)
+    if batches is None:
+        batches = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         if transform is not None:
             with torch.enable_grad():

@@ -220,3 +220,29 @@ def test_imagenet_missing_and_inconsistent(tmp_path):
         build_dataset({"name": "imagenet"}, tmp_path)
     with pytest.raises(ConfigError, match="dataset.image_size"):
         build_dataset({"name": "imagenet", "image_size": 300, "resize_size": 256}, tmp_path)
+
+
+def test_in_memory_datasets_are_evaluated_in_the_loaders_batches(monkeypatch):
+    """`evaluate` slices in-memory tensors instead of collating examples one by one: the same
+    batches as the DataLoader (subsets included), so the same accuracy and loss to the bit."""
+    import torch.nn as nn
+    from torch.utils.data import Subset, TensorDataset
+
+    import pruning.train as train_mod
+    from pruning.data import ImageTensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (301, 1, 4, 4), dtype=torch.uint8, generator=g)
+    targets = torch.randint(0, 3, (301,), generator=g)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    cases = [ImageTensorDataset(images, targets), Subset(ImageTensorDataset(images, targets), [5, 3, 300, 0, 7] * 30),
+             TensorDataset(images.float() / 255, targets)]
+    for ds in cases:
+        fast = train_mod.evaluate(model, ds, torch.device("cpu"), batch_size=64)
+        assert train_mod.tensor_batches(ds, 64) is not None
+        with monkeypatch.context() as m:
+            m.setattr(train_mod, "tensor_batches", lambda d, b: None)  # the DataLoader route
+            slow = train_mod.evaluate(model, ds, torch.device("cpu"), batch_size=64)
+        assert fast == slow
+    augmented = ImageTensorDataset(images, targets, transform=lambda x: x.flip(-1))
+    assert train_mod.tensor_batches(augmented, 64) is None  # a transform: per-example route
