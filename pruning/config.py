@@ -327,20 +327,12 @@ def validate(cfg: Any) -> None:
     threads = cfg.get("threads")
     require(threads is None or (_is_int(threads) and threads > 0), "threads", threads,
             "null (torch's default; 1 under deterministic=true) or a positive integer")
-    cal = cfg.calibration
-    for key in ("num_samples", "mini_batch", "chunk_size"):
-        v = cal[key]
-        require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"calibration.{key}", v,
-                "a positive integer", "must be a positive integer")
-    if cal.block_size is not None:
-        integer(cal.block_size, "calibration.block_size", lo=1, allowed="null or a positive integer")
-    sub = cal.get("sub_batch")
-    require(sub is None or (isinstance(sub, int) and not isinstance(sub, bool) and sub > 0), "calibration.sub_batch",
-            sub, "null (the whole mini-batch) or a positive integer")
-    for key, workers in (("calibration.num_workers", cal.get("num_workers")),
-                         ("dataset.num_workers", cfg.dataset.get("num_workers"))):
-        require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
-                key, workers, "null or a non-negative integer")
+    from pruning.gradients.cache import CalibrationSettings  # torch: imported only when validating a run
+
+    CalibrationSettings.parse(OmegaConf.to_container(cfg.calibration, resolve=True))  # the one set of checks
+    workers = cfg.dataset.get("num_workers")
+    require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
+            "dataset.num_workers", workers, "null or a non-negative integer")
     choice(cfg.schedule.name, "schedule.name", SCHEDULES)
     if cfg.schedule.name == "multistage":
         st = cfg.schedule.stages
