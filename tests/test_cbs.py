@@ -366,3 +366,22 @@ def test_float32_g_products_are_float64_slab_by_slab(monkeypatch):
     ref_t = np.concatenate([G64[:, sl].T @ ref_R[:, b] for b, sl in enumerate(blocks)])
     np.testing.assert_allclose(t, ref_t, rtol=1e-12, atol=1e-12)
     assert R.dtype == t.dtype == np.float64
+
+
+def test_column_products_gathered_or_by_slabs_agree(monkeypatch):
+    """G[:, idx]^T v: a few columns are gathered, many are read off the whole block's slab
+    products; both equal the dense float64 product."""
+    import pruning.methods.cbs as cbs_mod
+
+    monkeypatch.setattr(cbs_mod, "_SLAB", 5)
+    g = torch.Generator().manual_seed(6)
+    p, n = LAYOUT.numel, 11
+    G32 = torch.randn(n, p, generator=g).float()
+    blocks = LAYOUT.blocks(None)
+    obj = SwapObjective(GradientMatrix(blocks, [G32[:, sl].contiguous() for sl in blocks],
+                                       torch.arange(n).view(n, 1)), blocks)
+    v = np.random.default_rng(1).standard_normal(n)
+    sl = blocks[1]
+    for idx in (np.array([sl.start + 3]), np.arange(sl.start, sl.stop)[::-2]):  # few, many (unsorted)
+        ref = G32.double().numpy()[:, idx].T @ v
+        np.testing.assert_allclose(obj.column_products(idx, v), ref, rtol=1e-12, atol=1e-12)

@@ -138,6 +138,19 @@ class SwapObjective:
                 t[sl.start + lo:sl.start + lo + part.shape[1]] = part.T @ R[:, b]
         return t
 
+    def column_products(self, idx: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """G[:, idx]^T v in float64 for columns idx of one block: gathered when they are few, else
+        the whole block's products by slabs, indexed (a gather of half of MLPNet's block at
+        N = 10,000 allocated 1.3 GB per pass at sparsity 0.5)."""
+        b = int(self.bid[idx[0]])
+        c = self.cols[b]
+        if 8 * len(idx) < c.shape[1]:
+            return self.gather(idx).T @ v
+        t = np.empty(c.shape[1])
+        for lo, part in _float64_parts(c):
+            t[lo:lo + part.shape[1]] = part.T @ v
+        return t[self.loc[idx]]
+
     def gather(self, idx: np.ndarray) -> np.ndarray:
         """Columns idx of G, (N, len(idx)) in float64."""
         b = self.bid[idx]
@@ -245,7 +258,7 @@ def _group_pass(obj: SwapObjective, w: np.ndarray, R: np.ndarray, pruned: np.nda
     same = obj.bid[J] == obj.bid[i0]
     if same.any():
         gi0 = obj.gather(np.array([i0]))[:, 0]
-        gamma0[same] = 2.0 / N * w[i0] * w[J[same]] * (obj.gather(J[same]).T @ gi0)
+        gamma0[same] = 2.0 / N * w[i0] * w[J[same]] * obj.column_products(J[same], gi0)
     J = J[np.argsort(beta[J] - gamma0, kind="stable")]
     delta, gi, Gj = swap_deltas(obj, w, R, int(i0), J[:1])
     if not delta[0] < -cfg.epsilon:  # the best-ranked pair does not improve: converged
