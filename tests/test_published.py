@@ -47,3 +47,12 @@ def test_report_puts_published_beside_ours():
 def test_no_published_column_for_noisy_or_unpublished_settings(kw):
     md = render_markdown(to_frame([_row("magnitude", 0.9, 0, 0.9, **kw)]))
     assert "Published (" not in md
+
+
+def test_gain_over_magnitude_beside_the_published_gain():
+    """ours - magnitude (same runs) beside published cbs - published magnitude: 55.45 - 32.25."""
+    rows = [_row("magnitude", 0.98, s, 0.30) for s in range(2)]
+    rows += [_row("cbs", 0.98, s, a) for s, a in enumerate((0.50, 0.52))]
+    md = render_markdown(to_frame(rows))
+    assert "| 0.98 | cbs | 51.00 ± 1.41 (n=2) | 55.45 | -4.45 | +21.00 / +23.20 |" in md
+    assert "| 0.98 | magnitude | 30.00 ± 0.00 (n=2) | 32.25 | -2.25 | – |" in md
