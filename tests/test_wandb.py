@@ -98,6 +98,7 @@ def test_offline_run_writes_real_wandb_files(make_cfg, tmp_path, monkeypatch):
     blob = _flushed(files[0])
     expected = [
         run_id, "wbtest", "magnitude-s0.9-seed0",          # id, group, name
+        rec["cell_id"],                                     # the report keeps one run per cell
         "noise_level", "cfg", '"hidden":[128,64]',          # flat index keys + resolved config
         "dense/acc", "prune/acc", "prune/sparsity", "prune/loss", "finetune/acc", "final/acc",  # history
         "final_acc", "finetuned_acc", "time/total", '"completed"',  # summary
