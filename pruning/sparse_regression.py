@@ -641,12 +641,14 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
     dtype, dev, f64 = w0.dtype, w0.device, torch.float64
     n, mu = obj.n, obj.nlam
 
-    # G_S gathered once when a dense copy fits the operator's resident budget: the refinement below
-    # takes several products with G_S, and each gather (a disk read for a stored G) costs more than
-    # the product itself. Otherwise G_S is streamed by column chunks (N < k can exceed memory).
+    # G_S gathered once when a dense copy fits the operator's resident budget (unbounded: when it is at
+    # most half of G, as `restrict` copies): the refinement below takes several products with G_S, and
+    # each gather (a disk read for a stored G) costs more than the product itself. Otherwise G_S is
+    # streamed by column chunks (N < k can exceed memory).
     budget = op.max_resident_bytes
-    dense = (op.dense_columns(idx.cpu()).to(dev)
-             if budget is None or n * idx.numel() * op.dtype.itemsize <= budget else None)
+    fits = (2 * idx.numel() <= op.num_cols if budget is None
+            else n * idx.numel() * op.dtype.itemsize <= budget)
+    dense = op.dense_columns(idx.cpu()).to(dev) if fits else None
 
     def chunks(to: torch.dtype) -> Any:
         if dense is None:
