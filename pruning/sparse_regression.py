@@ -64,6 +64,7 @@ used through matvec / rmatvec and, for the active set and backsolve, through col
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -628,7 +629,8 @@ def active_set_iht(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, 
 def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: int, cfg: SolverConfig,
               mask: torch.Tensor | None = None) -> SolveResult:
     """CHITA Heuristic_LS: fix a support (`mask`, or chosen by `cfg.backsolve_support`), then the
-    exact ridge minimiser of Q on it."""
+    exact ridge minimiser of Q on it, (G_S^T Omega G_S + mu I) w_S = c with mu = N lam and
+    c = G_S^T Omega z + mu w_bar_S."""
     if mask is not None:
         k = int(mask.sum())
     elif cfg.backsolve_support == "magnitude":
@@ -637,83 +639,107 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
         L = obj.lipschitz(op, cfg.power_iters)
         yhat0 = op.matvec(w0).to(w0.dtype)
         _, mask, _, _ = _plain_step(obj, op, w0, yhat0, k, L)
-    idx = mask.nonzero().squeeze(1)
     dtype, dev, f64 = w0.dtype, w0.device, torch.float64
-    n, mu = obj.n, obj.nlam
+    if k == 0:
+        return _embed_backsolve(obj, op, mask, torch.zeros(0, dtype=dtype, device=dev), dtype, "empty")
+    if k > obj.n and obj.nlam <= 0:
+        raise ConfigError("method.lam", cfg.lam, "> 0 for algorithm=backsolve when N < k",
+                          "makes the support system singular")
+    GS = _SupportColumns(op, mask.nonzero().squeeze(1), dev)
+    omega64 = obj.omega.to(dev, f64)
+    c = GS.t(omega64 * obj.z.to(dev, f64)) + obj.nlam * obj.w_bar[GS.idx].to(dev, f64)
+    route = "primal" if k <= obj.n else "woodbury"
+    wS, dt, steps, resid = _refined_solve(GS, omega64, obj.nlam, c, route, dtype, cfg.lam)
+    res = _embed_backsolve(obj, op, mask, wS.to(dtype), dtype, route)
+    res.info.update(backsolve_factor=str(dt).removeprefix("torch."), backsolve_refinements=steps,
+                    backsolve_residual=resid)
+    return res
 
-    # G_S gathered once when a dense copy fits the operator's resident budget (unbounded: when it is at
-    # most half of G, as `restrict` copies): the refinement below takes several products with G_S, and
-    # each gather (a disk read for a stored G) costs more than the product itself. Otherwise G_S is
-    # streamed by column chunks (N < k can exceed memory).
-    budget = op.max_resident_bytes
-    fits = (2 * idx.numel() <= op.num_cols if budget is None
-            else n * idx.numel() * op.dtype.itemsize <= budget)
-    dense = op.dense_columns(idx.cpu()).to(dev) if fits else None
 
-    def chunks(to: torch.dtype) -> Any:
-        if dense is None:
-            for pos, cols in op.column_chunks(idx.cpu()):
-                yield pos.to(dev), cols.to(device=dev, dtype=to)
+class _SupportColumns:
+    """G_S, the columns `idx` of G, for products in any dtype on `dev`.
+
+    Gathered once when a dense copy fits the operator's resident budget (unbounded: when it is at
+    most half of G, as `restrict` copies): the refined solve takes several products with G_S, and
+    each gather (a disk read for a stored G) costs more than the product itself. Otherwise streamed
+    by column chunks (N < k can exceed memory)."""
+
+    def __init__(self, op: GradientOperator, idx: torch.Tensor, dev: torch.device):
+        self.op, self.idx, self.dev, self.n = op, idx, dev, op.num_rows
+        budget = op.max_resident_bytes
+        fits = (2 * idx.numel() <= op.num_cols if budget is None
+                else self.n * idx.numel() * op.dtype.itemsize <= budget)
+        self.dense = op.dense_columns(idx.cpu()).to(dev) if fits else None
+
+    def chunks(self, to: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.dense is None:
+            for pos, cols in self.op.column_chunks(self.idx.cpu()):
+                yield pos.to(self.dev), cols.to(device=self.dev, dtype=to)
             return
-        for lo in range(0, idx.numel(), COLUMN_CHUNK):  # cast chunk by chunk: no second full-size copy
-            hi = min(lo + COLUMN_CHUNK, idx.numel())
-            yield torch.arange(lo, hi, device=dev), dense[:, lo:hi].to(to)
+        for lo in range(0, self.idx.numel(), COLUMN_CHUNK):  # cast chunk by chunk: no second full copy
+            hi = min(lo + COLUMN_CHUNK, self.idx.numel())
+            yield torch.arange(lo, hi, device=self.dev), self.dense[:, lo:hi].to(to)
 
-    def gs_t(r: torch.Tensor) -> torch.Tensor:  # G_S^T r in r's dtype
-        out = torch.empty(k, dtype=r.dtype, device=dev)
-        for pos, cols in chunks(r.dtype):
+    def matrix(self, to: torch.dtype) -> torch.Tensor:
+        """G_S as one (N, k) tensor (the primal route, k <= N)."""
+        if self.dense is not None:
+            return self.dense.to(to)
+        return self.op.dense_columns(self.idx.cpu(), to).to(self.dev)
+
+    def t(self, r: torch.Tensor) -> torch.Tensor:
+        """G_S^T r in r's dtype."""
+        out = torch.empty(self.idx.numel(), dtype=r.dtype, device=self.dev)
+        for pos, cols in self.chunks(r.dtype):
             out[pos] = cols.T @ r
         return out
 
-    def gs(v: torch.Tensor) -> torch.Tensor:  # G_S v in v's dtype
-        out = torch.zeros(n, dtype=v.dtype, device=dev)
-        for pos, cols in chunks(v.dtype):
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """G_S v in v's dtype."""
+        out = torch.zeros(self.n, dtype=v.dtype, device=self.dev)
+        for pos, cols in self.chunks(v.dtype):
             out += cols @ v[pos]
         return out
 
-    # c = G_S^T Omega z + mu w_bar_S, in float64 (the refinement's right-hand side)
-    c = gs_t(obj.omega.to(dev, f64) * obj.z.to(dev, f64)) + mu * obj.w_bar[idx].to(dev, f64)
-    if k == 0:
-        return _embed_backsolve(obj, op, mask, torch.zeros(0, dtype=dtype, device=dev), dtype, "empty")
-    if k > n and mu <= 0:
-        raise ConfigError("method.lam", cfg.lam, "> 0 for algorithm=backsolve when N < k",
-                          "makes the support system singular")
-    route = "primal" if k <= n else "woodbury"
-    omega64 = obj.omega.to(dev, f64)
 
-    def factor(dt: torch.dtype) -> Any:
-        """An approximate solver of H x = rhs from a factorisation in `dt` (returns float64)."""
-        om = omega64.to(dt)
-        if route == "primal":
-            GS = dense.to(dt) if dense is not None else op.dense_columns(idx.cpu(), dt).to(dev)
-            H = GS.T @ (om[:, None] * GS)
-            H.diagonal().add_(mu)
-            chol = _spd_factor(H)
-            return lambda rhs: _spd_apply(chol, rhs.to(dt), cfg.lam).to(f64)
-        K = torch.zeros(n, n, dtype=dt, device=dev)
-        for _, cols in chunks(dt):
-            K += cols @ cols.T
-        sq = om.clamp_min(0).sqrt()
-        M = sq[:, None] * K * sq[None, :]
-        M.diagonal().add_(mu)
-        chol = _spd_factor(M)
+def _support_solver(GS: _SupportColumns, omega64: torch.Tensor, mu: float, route: str, dt: torch.dtype,
+                    lam: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An approximate solver of (G_S^T Omega G_S + mu I) x = rhs from a factorisation in `dt`
+    (float64 in and out): the k x k system (primal) or the N x N Woodbury form."""
+    om = omega64.to(dt)
+    if route == "primal":
+        A = GS.matrix(dt)
+        H = A.T @ (om[:, None] * A)
+        H.diagonal().add_(mu)
+        chol = _spd_factor(H)
+        return lambda rhs: _spd_apply(chol, rhs.to(dt), lam).to(torch.float64)
+    K = torch.zeros(GS.n, GS.n, dtype=dt, device=GS.dev)
+    for _, cols in GS.chunks(dt):
+        K += cols @ cols.T
+    sq = om.clamp_min(0).sqrt()
+    M = sq[:, None] * K * sq[None, :]
+    M.diagonal().add_(mu)
+    chol = _spd_factor(M)
 
-        def woodbury(rhs: torch.Tensor) -> torch.Tensor:  # (rhs - G_S^T sq u) / mu
-            u = _spd_apply(chol, sq * gs(rhs.to(dt)), cfg.lam)
-            return (rhs - gs_t(sq * u).to(f64)) / mu
-        return woodbury
+    def woodbury(rhs: torch.Tensor) -> torch.Tensor:  # (rhs - G_S^T sq u) / mu
+        u = _spd_apply(chol, sq * GS.mv(rhs.to(dt)), lam)
+        return (rhs - GS.t(sq * u).to(torch.float64)) / mu
+    return woodbury
 
-    # Mixed-precision iterative refinement: factorise in G's dtype (fast), take the residual
-    # c - H w_S in float64; if that does not converge, factorise in float64. In float32 alone the
-    # Woodbury form subtracts nearly equal vectors and, on ill-conditioned G (ResNet-20), its answer
-    # was above the IHT iterate it was meant to improve (the finish was then silently skipped).
+
+def _refined_solve(GS: _SupportColumns, omega64: torch.Tensor, mu: float, c: torch.Tensor, route: str,
+                   dtype: torch.dtype, lam: float) -> tuple[torch.Tensor, torch.dtype, int, float]:
+    """Mixed-precision iterative refinement: factorise in G's dtype (fast), take the residual
+    c - H w_S in float64; if that does not converge, factorise in float64. In float32 alone the
+    Woodbury form subtracts nearly equal vectors and, on ill-conditioned G (ResNet-20), its answer
+    was above the IHT iterate it was meant to improve (the finish was then silently skipped).
+    Returns w_S (float64), the factorisation dtype used, the refinement steps and the relative residual."""
     tol = 1e-10 * float(c.norm())
     steps = 0
-    for dt in dict.fromkeys((dtype, f64)):
-        approx = factor(dt)
+    for dt in dict.fromkeys((dtype, torch.float64)):
+        approx = _support_solver(GS, omega64, mu, route, dt, lam)
         wS, last = approx(c), math.inf
         for _ in range(10):
-            resid = c - (gs_t(omega64 * gs(wS)) + mu * wS)
+            resid = c - (GS.t(omega64 * GS.mv(wS)) + mu * wS)
             size = float(resid.norm())
             if size <= tol or not size < 0.5 * last:
                 break
@@ -721,10 +747,7 @@ def backsolve(obj: PlanRegression, op: GradientOperator, w0: torch.Tensor, k: in
             wS = wS + approx(resid)
         if size <= 1e3 * tol:
             break
-    res = _embed_backsolve(obj, op, mask, wS.to(dtype), dtype, route)
-    res.info.update(backsolve_factor=str(dt).removeprefix("torch."), backsolve_refinements=steps,
-                    backsolve_residual=size / max(float(c.norm()), 1e-300))
-    return res
+    return wS, dt, steps, size / max(float(c.norm()), 1e-300)
 
 
 def _embed_backsolve(obj: PlanRegression, op: GradientOperator, mask: torch.Tensor, wS: torch.Tensor,
