@@ -98,7 +98,6 @@ def make_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.l
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-@torch.no_grad()
 def tensor_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
     """The batches a non-shuffling DataLoader would collate, sliced straight from the tensors of an
     in-memory dataset without a transform (`ImageTensorDataset`, `TensorDataset`, or a `Subset` of
@@ -125,7 +124,7 @@ def tensor_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Te
             for lo in range(0, n, batch_size))
 
 
-@torch.no_grad()  # no graph for the forward passes; an attack's `transform` re-enables grad for itself
+@torch.no_grad()  # an attack's `transform` re-enables grad for itself
 def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512,
              transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              num_workers: int = 0) -> dict[str, float]:
