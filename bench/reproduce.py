@@ -86,15 +86,24 @@ def side_by_side(sweep_dir: Path) -> str:
         table = find_table(model, dataset, schedule)
         summary = summarize(grp, "final_acc")
         methods = sorted(set(summary["method_label"]), key=lambda m: (m != "magnitude", m))
-        rows = []
+        rows, gains = [], []
         for s, cell in summary.groupby("sparsity"):
-            row = [f"{s:g}"]
+            row, gain = [f"{s:g}"], [f"{s:g}"]
+            acc = {m: 100 * float(cell[cell["method_label"] == m]["mean"].iloc[0])
+                   for m in methods if (cell["method_label"] == m).any()}
+            pub = {m: table.value(m.split("[", 1)[0], float(s)) if table else None for m in methods}
             for m in methods:
-                r = cell[cell["method_label"] == m]
-                ours = f"{100 * float(r['mean'].iloc[0]):.2f}" if len(r) else "–"
-                pub = table.value(m.split("[", 1)[0], float(s)) if table else None
-                row.append(f"{ours} / {pub:.2f}" if pub is not None else ours)
+                ours = f"{acc[m]:.2f}" if m in acc else "–"
+                row.append(f"{ours} / {pub[m]:.2f}" if pub[m] is not None else ours)
+                if m != "magnitude" and "magnitude" in acc and m in acc:
+                    g = f"{acc[m] - acc['magnitude']:+.2f}"
+                    if pub[m] is not None and pub["magnitude"] is not None:
+                        g += f" / {pub[m] - pub['magnitude']:+.2f}"
+                    gain.append(g)
+                elif m != "magnitude":
+                    gain.append("–")
             rows.append(row)
+            gains.append(gain)
         dense = dense_baseline(grp, "final_acc")
         d = 100 * float(dense["mean"].mean()) if not dense.empty else math.nan
         head = f"{model} / {dataset} / {schedule}: dense {d:.2f}"
@@ -103,6 +112,9 @@ def side_by_side(sweep_dir: Path) -> str:
         times = grp.groupby("method_label")["time_total"].mean() if "time_total" in grp else None
         lines += [head, "cells: ours / published, accuracy in percent", "",
                   markdown_table(["sparsity", *methods], rows)]
+        if "magnitude" in methods and len(methods) > 1:  # a different test split shifts accuracies, not gains
+            lines += ["", "gain over magnitude pruning, ours / published (points)", "",
+                      markdown_table(["sparsity", *[m for m in methods if m != "magnitude"]], gains)]
         if times is not None:
             lines += ["", "mean time per run: " + ", ".join(f"{m} {times[m]:.1f}s" for m in methods if m in times)]
         lines.append("")
