@@ -110,9 +110,9 @@ class CalibrationSettings:
         require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
                 "calibration.num_workers", workers, "null or a non-negative integer")
         return cls(
-            num_samples=integer(d["num_samples"], "calibration.num_samples", lo=1),
-            mini_batch=integer(d["mini_batch"], "calibration.mini_batch", lo=1),
-            chunk_size=integer(d["chunk_size"], "calibration.chunk_size", lo=1),
+            num_samples=integer(d["num_samples"], "calibration.num_samples", lo=1, allowed="a positive integer"),
+            mini_batch=integer(d["mini_batch"], "calibration.mini_batch", lo=1, allowed="a positive integer"),
+            chunk_size=integer(d["chunk_size"], "calibration.chunk_size", lo=1, allowed="a positive integer"),
             sub_batch=_positive_or_null(d["sub_batch"], "calibration.sub_batch", "the whole mini-batch"),
             num_workers=workers,
             block_size=_positive_or_null(d["block_size"], "calibration.block_size", "one block per tensor"),
