@@ -331,8 +331,8 @@ def validate(cfg: Any) -> None:
 
     CalibrationSettings.parse(OmegaConf.to_container(cfg.calibration, resolve=True))  # the one set of checks
     workers = cfg.dataset.get("num_workers")
-    require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
-            "dataset.num_workers", workers, "null or a non-negative integer")
+    if workers is not None:
+        integer(workers, "dataset.num_workers", lo=0, allowed="null or a non-negative integer")
     choice(cfg.schedule.name, "schedule.name", SCHEDULES)
     if cfg.schedule.name == "multistage":
         st = cfg.schedule.stages

@@ -108,10 +108,7 @@ def tensor_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Te
     if isinstance(dataset, Subset):
         dataset, indices = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
     if isinstance(dataset, ImageTensorDataset) and dataset.transform is None:
-        images, targets = dataset.images, dataset.targets
-
-        def get(sel: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            return images[sel].float().div_(255.0), targets[sel]
+        get = dataset.decode
     elif isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         xs, ys = dataset.tensors
 

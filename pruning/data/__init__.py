@@ -67,10 +67,15 @@ class ImageTensorDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[i].float().div_(255.0)
+        x, y = self.decode(i)
         if self.transform is not None:
             x = self.transform(x)
-        return x, self.targets[i]
+        return x, y
+
+    def decode(self, sel: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `sel` (an index, a slice or an index tensor) as floats in [0, 1], and their targets;
+        no transform (`pruning.train.tensor_batches` serves whole batches so)."""
+        return self.images[sel].float().div_(255.0), self.targets[sel]
 
 
 def require_data_dir(data_dir: str | Path | None, dataset: str) -> Path:

@@ -107,8 +107,8 @@ class CalibrationSettings:
                 raise unknown_key(f"calibration.{key}", cal[key], [f"calibration.{n}" for n in names])
         d = {**{f.name: f.default for f in fields(cls)}, **cal}
         workers = d["num_workers"]
-        require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
-                "calibration.num_workers", workers, "null or a non-negative integer")
+        if workers is not None:
+            integer(workers, "calibration.num_workers", lo=0, allowed="null or a non-negative integer")
         return cls(
             num_samples=integer(d["num_samples"], "calibration.num_samples", lo=1, allowed="a positive integer"),
             mini_batch=integer(d["mini_batch"], "calibration.mini_batch", lo=1, allowed="a positive integer"),

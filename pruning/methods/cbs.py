@@ -134,8 +134,7 @@ class SwapObjective:
         """t_q = g_q^T r_{b(q)} for every coordinate, in float64."""
         t = np.empty(len(self.bid))
         for b, (sl, c) in enumerate(zip(self.blocks, self.cols)):
-            for lo, part in _float64_parts(c):
-                t[sl.start + lo:sl.start + lo + part.shape[1]] = part.T @ R[:, b]
+            t[sl] = _block_t(c, R[:, b])
         return t
 
     def column_products(self, idx: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -146,10 +145,7 @@ class SwapObjective:
         c = self.cols[b]
         if 8 * len(idx) < c.shape[1]:
             return self.gather(idx).T @ v
-        t = np.empty(c.shape[1])
-        for lo, part in _float64_parts(c):
-            t[lo:lo + part.shape[1]] = part.T @ v
-        return t[self.loc[idx]]
+        return _block_t(c, v)[self.loc[idx]]
 
     def gather(self, idx: np.ndarray) -> np.ndarray:
         """Columns idx of G, (N, len(idx)) in float64."""
@@ -175,6 +171,14 @@ def _float64_parts(c: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         return
     for lo in range(0, c.shape[1], _SLAB):
         yield lo, c[:, lo:lo + _SLAB].astype(np.float64)
+
+
+def _block_t(c: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """c^T v in float64 for a block c of G, slab by slab."""
+    t = np.empty(c.shape[1])
+    for lo, part in _float64_parts(c):
+        t[lo:lo + part.shape[1]] = part.T @ v
+    return t
 
 
 def objective(G: GradientMatrix, blocks: list[slice], w: np.ndarray, pruned: np.ndarray) -> float:
