@@ -75,7 +75,7 @@ def command(args: argparse.Namespace) -> list[str]:
 def side_by_side(sweep_dir: Path) -> str:
     """Rows = sparsity, columns = method: ours (mean over seeds, percent) / published."""
     from pruning.published import find_table
-    from pruning.report import dense_baseline, load_local, markdown_table, summarize
+    from pruning.report import dense_baseline, load_local, magnitude_gains, markdown_table, summarize
 
     df = load_local(sweep_dir)
     done = df[(df["status"] == "completed") & (df["noise"].fillna("none") == "none")]
@@ -86,22 +86,19 @@ def side_by_side(sweep_dir: Path) -> str:
         table = find_table(model, dataset, schedule)
         summary = summarize(grp, "final_acc")
         methods = sorted(set(summary["method_label"]), key=lambda m: (m != "magnitude", m))
+        by_gain = magnitude_gains(summary, table)
         rows, gains = [], []
         for s, cell in summary.groupby("sparsity"):
             row, gain = [f"{s:g}"], [f"{s:g}"]
-            acc = {m: 100 * float(cell[cell["method_label"] == m]["mean"].iloc[0])
-                   for m in methods if (cell["method_label"] == m).any()}
-            pub = {m: table.value(m.split("[", 1)[0], float(s)) if table else None for m in methods}
             for m in methods:
-                ours = f"{acc[m]:.2f}" if m in acc else "–"
-                row.append(f"{ours} / {pub[m]:.2f}" if pub[m] is not None else ours)
-                if m != "magnitude" and "magnitude" in acc and m in acc:
-                    g = f"{acc[m] - acc['magnitude']:+.2f}"
-                    if pub[m] is not None and pub["magnitude"] is not None:
-                        g += f" / {pub[m] - pub['magnitude']:+.2f}"
-                    gain.append(g)
-                elif m != "magnitude":
-                    gain.append("–")
+                r = cell[cell["method_label"] == m]
+                ours = f"{100 * float(r['mean'].iloc[0]):.2f}" if len(r) else "–"
+                pub = table.value(m.split("[", 1)[0], float(s)) if table else None
+                row.append(f"{ours} / {pub:.2f}" if pub is not None else ours)
+                if m != "magnitude":
+                    ours_gain, pub_gain = by_gain.get((float(s), m), (None, None))
+                    gain.append("–" if ours_gain is None else f"{ours_gain:+.2f}"
+                                + ("" if pub_gain is None else f" / {pub_gain:+.2f}"))
             rows.append(row)
             gains.append(gain)
         dense = dense_baseline(grp, "final_acc")

@@ -398,6 +398,25 @@ def comparison_table(summary: pd.DataFrame, dense: pd.DataFrame, metric: str,
     return markdown_table(["sparsity", "dense", *methods], rows)
 
 
+def magnitude_gains(summary: pd.DataFrame, table: Any) -> dict[tuple[float, str], tuple[float, float | None]]:
+    """Per (sparsity, method label) other than magnitude, in percentage points: ours minus magnitude
+    pruning of the same runs, and the published method minus published magnitude (None where either
+    is unpublished, or `table` is None). A different test set (e.g. a development split) shifts every
+    method alike, so gains compare where absolute accuracies cannot."""
+    ok = summary[(summary["n"] > 0) & summary["mean"].notna()]
+    mp = {float(r.sparsity): 100 * float(r.mean) for r in ok.itertuples() if r.method_label == "magnitude"}
+    out: dict[tuple[float, str], tuple[float, float | None]] = {}
+    for r in ok.itertuples():
+        sp = float(r.sparsity)
+        if r.method_label == "magnitude" or sp not in mp:
+            continue
+        pub = table.value(str(r.method_label).split("[", 1)[0], sp) if table is not None else None
+        pub_mp = table.value("magnitude", sp) if table is not None else None
+        out[(sp, r.method_label)] = (100 * float(r.mean) - mp[sp],
+                                     None if pub is None or pub_mp is None else pub - pub_mp)
+    return out
+
+
 def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str, Any],
                     metric: str) -> str | None:
     """Markdown: ours beside the published numbers (`pruning.published`) for a noise-free setting
@@ -415,10 +434,7 @@ def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str
     if not d.empty:
         ours = 100 * float((d["mean"] * d["n"]).sum() / d["n"].sum())
         rows.append(["dense", "–", f"{ours:.2f}", f"{table.dense:.2f}", f"{ours - table.dense:+.2f}", "–"])
-    # gains over magnitude pruning of the same runs: a different test set (e.g. a development split)
-    # shifts every method alike, so these compare where absolute numbers cannot
-    mp = {float(r.sparsity): 100 * float(r.mean) for r in summary.itertuples()
-          if r.method_label == "magnitude" and r.n > 0 and not math.isnan(r.mean)}
+    gains = magnitude_gains(summary, table)
     for r in summary.sort_values(["sparsity", "method_label"]).itertuples():
         method, sp = str(r.method_label).split("[", 1)[0], float(r.sparsity)
         pub = table.value(method, sp)
@@ -427,9 +443,8 @@ def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str
         ours = 100 * float(r.mean)
         spread = f" ± {100 * float(r.std):.2f}" if r.n > 1 and not math.isnan(r.std) else ""
         mark = "≈" if table.is_approx(method, sp) else ""
-        pub_mp = table.value("magnitude", sp)
-        gain = (f"{ours - mp[sp]:+.2f} / {mark}{pub - pub_mp:+.2f}"
-                if method != "magnitude" and sp in mp and pub_mp is not None else "–")
+        ours_gain, pub_gain = gains.get((sp, r.method_label), (None, None))
+        gain = f"{ours_gain:+.2f} / {mark}{pub_gain:+.2f}" if pub_gain is not None else "–"
         rows.append([_g(sp), r.method_label, f"{ours:.2f}{spread} (n={int(r.n)})",
                      f"{mark}{pub:.2f}", f"{ours - pub:+.2f}", gain])
     if not rows:
