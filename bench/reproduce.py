@@ -4,6 +4,7 @@ each cell next to the paper's number (`pruning.published`).
     python3 bench/reproduce.py mlpnet                        # oneshot_mlpnet_mnist, all cells, 1 seed
     python3 bench/reproduce.py mlpnet --seeds 3 --sparsity 0.9 0.95 0.98 --methods magnitude woodfisher
     python3 bench/reproduce.py resnet20b --data-dir /data    # oneshot_resnet20_cifar10 on official CIFAR-10
+    python3 bench/reproduce.py mlpnet-chitapp --seeds 5      # chitapp_mlpnet_mnist: CHITA++ beside magnitude
 
 Each preset names the study, the published checkpoint in `../shared/data/` and a data folder. By
 default the data are the development prefixes in `../shared/data/` (the first MNIST / CIFAR-10
@@ -37,6 +38,7 @@ class Preset:
 
 PRESETS = {
     "mlpnet": Preset("oneshot_mlpnet_mnist", "mlpnet-mnist-woodfisher-93.97.ckpt", "mnist-train-prefix"),
+    "mlpnet-chitapp": Preset("chitapp_mlpnet_mnist", "mlpnet-mnist-woodfisher-93.97.ckpt", "mnist-train-prefix"),
     "resnet20b": Preset("oneshot_resnet20_cifar10", "resnet20b-cifar10-woodfisher.pth.tar", "cifar10-train-prefix",
                         ("dataset.verify_checksums=false",)),
 }
@@ -53,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "outputs" / "reproduce"), help="paths.out_root of the runs")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. calibration.num_samples=1000")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; Hydra overrides may come before or after the options."""
+    return _parser().parse_intermixed_args(argv)
 
 
 def command(args: argparse.Namespace) -> list[str]:
@@ -122,7 +129,7 @@ def side_by_side(sweep_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     cmd = command(args)
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()

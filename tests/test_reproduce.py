@@ -1,0 +1,52 @@
+"""bench/reproduce.py: every preset names a shipped study, and the command it builds is the user's
+launch (`launch.py -cd sweeps -cn <study>`) with the checkpoint, data folder, seeds and cells asked for."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+
+def _reproduce():
+    """bench/reproduce.py as a module (bench/ is scripts, not a package); registered before it runs,
+    as its dataclasses need their module in sys.modules."""
+    if "bench_reproduce" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_reproduce", ROOT / "bench" / "reproduce.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_reproduce"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_reproduce"]
+
+
+@pytest.mark.parametrize("preset", sorted(_reproduce().PRESETS))
+def test_preset_names_a_study(preset: str):
+    study = _reproduce().PRESETS[preset].study
+    assert (ROOT / "sweeps" / f"{study}.yaml").is_file(), f"preset {preset}: no sweeps/{study}.yaml"
+
+
+def test_command_is_the_study_launch(tmp_path: Path):
+    rep = _reproduce()
+    ckpt, data = tmp_path / "weights.ckpt", tmp_path / "data"
+    ckpt.write_bytes(b"")
+    data.mkdir()
+    args = rep.parse_args(["mlpnet-chitapp", "--seeds", "3", "--sparsity", "0.95", "0.98",
+                                     "--checkpoint", str(ckpt), "--data-dir", str(data), "--out", str(tmp_path / "o"),
+                                     "calibration.num_samples=100"])
+    cmd = rep.command(args)
+    assert cmd[1:6] == [str(ROOT / "launch.py"), "-cd", str(ROOT / "sweeps"), "-cn", "chitapp_mlpnet_mnist"]
+    for expected in (f"model.checkpoint={ckpt}", f"paths.data_dir={data}", "seed=range(3)",
+                     "sparsity=0.95,0.98", "calibration.num_samples=100"):
+        assert expected in cmd
+    assert not any(c.startswith("method=") for c in cmd)  # the study's own methods
+
+
+def test_missing_checkpoint_is_one_line(tmp_path: Path):
+    rep = _reproduce()
+    args = rep.parse_args(["mlpnet", "--checkpoint", str(tmp_path / "absent.ckpt"),
+                                     "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="checkpoint .*absent.ckpt does not exist"):
+        rep.command(args)
