@@ -385,3 +385,31 @@ def test_column_products_gathered_or_by_slabs_agree(monkeypatch):
     for idx in (np.array([sl.start + 3]), np.arange(sl.start, sl.stop)[::-2]):  # few, many (unsorted)
         ref = G32.double().numpy()[:, idx].T @ v
         np.testing.assert_allclose(obj.column_products(idx, v), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_starting_set_ranks_magnitude_and_rmp_draws():
+    """The start is the lowest-ranked of plain magnitude and the RMP draws; every candidate keeps k
+    per group, and a rank that prefers one draw picks that draw."""
+    from pruning.methods.cbs import Config, magnitude_keep, starting_set
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(400)
+    groups = [np.arange(0, 250), np.arange(250, 400)]
+    cfg = Config(init_trials=6, init_magnitude=True)
+    seen: list[np.ndarray] = []
+
+    def rank(pruned: np.ndarray) -> float:
+        seen.append(pruned.copy())
+        return 0.0 if len(seen) == 4 else 1.0  # the third RMP draw (candidates: magnitude, rmp 0, 1, 2, ...)
+
+    best, start = starting_set(w, groups, 0.9, cfg, seed=3, rank=rank)
+    assert len(seen) == 7 and start == "rmp 2"
+    np.testing.assert_array_equal(best, seen[3])
+    for pruned in seen:
+        assert [int((~pruned[g]).sum()) for g in groups] == [25, 15]
+    mag = np.ones(400, dtype=bool)
+    for g in groups:
+        mag[magnitude_keep(np.abs(w), g, len(g) // 10)] = False
+    np.testing.assert_array_equal(seen[0], mag)
+    best, start = starting_set(w, groups, 0.9, cfg, seed=3, rank=lambda p: 0.0)  # ties: the first
+    assert start == "magnitude"

@@ -398,6 +398,30 @@ def cbs_update(G: GradientMatrix, blocks: list[slice], w: torch.Tensor, mask0: t
     return delta
 
 
+def starting_set(w: np.ndarray, groups: list[np.ndarray], sparsity: float, cfg: Config, seed: int,
+                 rank: Callable[[np.ndarray], float]) -> tuple[np.ndarray, str]:
+    """The CBS code's `mag_perb` start: plain magnitude pruning (with `init_magnitude`) and
+    `init_trials` RMP draws, each group at the target sparsity; returns the pruned set with the lowest
+    `rank` (the first one on ties) and its name ("magnitude" or "rmp <draw>")."""
+    w_abs = np.abs(w)
+    best, best_rank, start = None, math.inf, ""
+    for trial in range(-1 if cfg.init_magnitude else 0, cfg.init_trials):  # -1: plain magnitude
+        rng = np.random.default_rng([seed, max(trial, 0)])
+        pruned = np.ones(len(w), dtype=bool)
+        for g in groups:
+            if trial < 0:
+                keep = magnitude_keep(w_abs, g, num_kept(len(g), sparsity))
+            elif cfg.rmp_rounding == "reference":
+                keep = rmp_keep_reference(w_abs, g, sparsity, rng)
+            else:
+                keep = rmp_keep(w_abs, g, num_kept(len(g), sparsity), rng)
+            pruned[keep] = False
+        r = rank(pruned)
+        if r < best_rank:
+            best, best_rank, start = pruned, r, "magnitude" if trial < 0 else f"rmp {trial}"
+    return best, start
+
+
 def _groups(layout: ParamLayout, scope: str) -> list[np.ndarray]:
     if scope == "global":
         return [np.arange(layout.numel)]
@@ -423,21 +447,7 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
         def score(pruned: np.ndarray) -> float:
             return float(problem.loss(torch.from_numpy(np.where(pruned, 0.0, w)), cfg.loss_examples))
     rank = score if score is not None else (lambda pruned: obj.phi(obj.residuals(np.where(pruned, w, 0.0))))
-    best, best_rank, start = None, math.inf, ""
-    for trial in range(-1 if cfg.init_magnitude else 0, cfg.init_trials):  # -1: plain magnitude
-        rng = np.random.default_rng([seed, max(trial, 0)])
-        pruned = np.ones(layout.numel, dtype=bool)
-        for g in groups:
-            if trial < 0:
-                keep = magnitude_keep(np.abs(w), g, num_kept(len(g), sparsity))
-            elif cfg.rmp_rounding == "reference":
-                keep = rmp_keep_reference(np.abs(w), g, sparsity, rng)
-            else:
-                keep = rmp_keep(np.abs(w), g, num_kept(len(g), sparsity), rng)
-            pruned[keep] = False
-        r = rank(pruned)
-        if r < best_rank:
-            best, best_rank, start = pruned, r, "magnitude" if trial < 0 else f"rmp {trial}"
+    best, start = starting_set(w, groups, sparsity, cfg, seed, rank)
     pruned, stats = local_search(obj, w, best, groups, cfg, progress=layout.numel > 50_000, score=score)
     mask = torch.from_numpy(~pruned)
     new_w = w_t.clone()
