@@ -17,7 +17,8 @@ progress. A requeued Slurm job (submitit calls the launcher's `checkpoint()`, wh
 same Hydra job, so it re-enters the task in the same run directory) finds the file, skips the
 passed boundaries and continues; the final result equals an uninterrupted run with the same seed
 in deterministic mode. G itself is not stored here: with `calibration.cache: true` (the default)
-a resumed pruning step reads G from the gradient cache instead of recomputing it.
+a resumed first pruning step reads G from the gradient cache; a later step recomputes it (same
+examples, same weights: the same G) unless `calibration.cache_stages: all` kept it.
 
 `resume: true` semantics: completed -> skip (in `pruning.task.Job.start`); running or failed with a state ->
 resume; no state, `resume: false`, or a state saved for a different configuration -> from the start.

@@ -27,8 +27,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NON_RESULT_KEYS = (
     "seed", "sweep_name", "cluster", "resources", "logger", "resume", "fail_fast", "device",
     "progress", "save_model", "paths", "hydra", "tags", "deterministic", "eval.batch_size", "calibration.chunk_size",
-    "calibration.cache", "calibration.stream", "calibration.stream_chunk_mb", "calibration.stream_cols",
-    "calibration.resident_mb", "calibration.sub_batch", "calibration.num_workers", "dataset.num_workers", "local", "site",
+    "calibration.cache", "calibration.cache_stages", "calibration.stream", "calibration.stream_chunk_mb",
+    "calibration.stream_cols", "calibration.resident_mb", "calibration.sub_batch", "calibration.num_workers",
+    "dataset.num_workers", "local", "site",
 )
 TASKS = ("prune", "train")
 SCHEDULES = ("oneshot", "multistage", "gradual")

@@ -187,3 +187,29 @@ def test_imagenet_job_streams_decoded_rows_with_loader_processes(make_cfg, tmp_p
     ma, mb = (json.loads((tmp_path / d / "result.json").read_text())["metrics"] for d in ("workers", "in_process"))
     assert ma["pruned_loss"] == pytest.approx(mb["pruned_loss"], rel=1e-5)
     assert ma["sparsity_prunable"] == mb["sparsity_prunable"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_multistage_caches_the_first_stage_only(make_cfg, tmp_path):
+    """A 3-stage lr job caches G of stage 1 (dense weights: other jobs of the seed reuse it); the
+    later stages' G, at this job's own weights, is kept only with cache_stages=all. The result does
+    not depend on it."""
+    import json
+
+    from pruning.config import validate
+    from pruning.errors import ConfigError
+    from pruning.task import run
+
+    metrics = {}
+    for stages_cached, entries in (("first", 1), ("all", 3)):
+        cache = tmp_path / f"cache-{stages_cached}"
+        cfg = make_cfg("method=lr", "sparsity=0.8", "schedule=multistage", "schedule.stages=3",
+                       f"paths.cache_dir={cache}", f"calibration.cache_stages={stages_cached}")
+        run(cfg, tmp_path / stages_cached)
+        assert len([p for p in (cache / "grads").iterdir() if not p.name.startswith(".")]) == entries
+        rec = json.loads((tmp_path / stages_cached / "result.json").read_text())
+        assert len(rec["stages"]) == 3
+        metrics[stages_cached] = rec["metrics"]
+    for key in ("pruned_acc", "final_acc", "final_loss", "nnz_prunable"):
+        assert metrics["first"][key] == metrics["all"][key]
+    with pytest.raises(ConfigError, match="calibration.cache_stages"):
+        validate(make_cfg("calibration.cache_stages=last"))

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning.calibration import RowSource, tensor_hash
-from pruning.errors import flag, integer, megabytes, require, unknown_key
+from pruning.errors import choice, flag, integer, megabytes, require, unknown_key
 from pruning.gradients.compute import STREAM_CHUNK_MB, LossFn, as_rows, compute_gradient_matrix
 from pruning.gradients.operator import RESIDENT_MB, GradientMatrix
 from pruning.gradients.storage import BlockStore, owners_by_size
@@ -76,7 +76,8 @@ class CalibrationSettings:
     num_samples N rows, mini_batch m examples per row, chunk_size rows per vmap call, sub_batch
     examples of one row per vmap call (None: all m), num_workers loader processes (None: the
     dataset's), block_size columns per block (None: one block per tensor), cache (keep G on
-    disk), stream (build G on disk, `pruning.gradients.compute`), stream_chunk_mb (MiB of rows
+    disk), cache_stages (first: only the first pruning step's G, the one other jobs of the seed
+    can reuse | all: every step's, each tied to one job's weights), stream (build G on disk, `pruning.gradients.compute`), stream_chunk_mb (MiB of rows
     per vmap call when streaming), stream_cols (None: one pass; an integer: one pass per group
     of at most that many columns), resident_mb (largest dense copy of G's columns a solver keeps
     when G is on disk; None: no bound).
@@ -89,6 +90,7 @@ class CalibrationSettings:
     num_workers: int | None = None
     block_size: int | None = None
     cache: bool = True
+    cache_stages: str = "first"
     stream: bool = False
     stream_chunk_mb: float = STREAM_CHUNK_MB
     stream_cols: int | None = None
@@ -117,6 +119,7 @@ class CalibrationSettings:
             num_workers=workers,
             block_size=_positive_or_null(d["block_size"], "calibration.block_size", "one block per tensor"),
             cache=flag(d["cache"], "calibration.cache", True),
+            cache_stages=choice(d["cache_stages"], "calibration.cache_stages", ("first", "all")),
             stream=flag(d["stream"], "calibration.stream", False),
             stream_chunk_mb=megabytes(d["stream_chunk_mb"], "calibration.stream_chunk_mb"),
             stream_cols=_positive_or_null(d["stream_cols"], "calibration.stream_cols", "one pass"),
