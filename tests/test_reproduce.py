@@ -34,8 +34,8 @@ def test_command_is_the_study_launch(tmp_path: Path):
     ckpt.write_bytes(b"")
     data.mkdir()
     args = rep.parse_args(["mlpnet-chitapp", "--seeds", "3", "--sparsity", "0.95", "0.98",
-                                     "--checkpoint", str(ckpt), "--data-dir", str(data), "--out", str(tmp_path / "o"),
-                                     "calibration.num_samples=100"])
+                           "--checkpoint", str(ckpt), "--data-dir", str(data), "--out", str(tmp_path / "o"),
+                           "calibration.num_samples=100"])
     cmd = rep.command(args)
     assert cmd[1:6] == [str(ROOT / "launch.py"), "-cd", str(ROOT / "sweeps"), "-cn", "chitapp_mlpnet_mnist"]
     for expected in (f"model.checkpoint={ckpt}", f"paths.data_dir={data}", "seed=range(3)",
@@ -46,7 +46,6 @@ def test_command_is_the_study_launch(tmp_path: Path):
 
 def test_missing_checkpoint_is_one_line(tmp_path: Path):
     rep = _reproduce()
-    args = rep.parse_args(["mlpnet", "--checkpoint", str(tmp_path / "absent.ckpt"),
-                                     "--data-dir", str(tmp_path)])
+    args = rep.parse_args(["mlpnet", "--checkpoint", str(tmp_path / "absent.ckpt"), "--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="checkpoint .*absent.ckpt does not exist"):
         rep.command(args)

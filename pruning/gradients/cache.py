@@ -77,10 +77,11 @@ class CalibrationSettings:
     examples of one row per vmap call (None: all m), num_workers loader processes (None: the
     dataset's), block_size columns per block (None: one block per tensor), cache (keep G on
     disk), cache_stages (first: only the first pruning step's G, the one other jobs of the seed
-    can reuse | all: every step's, each tied to one job's weights), stream (build G on disk, `pruning.gradients.compute`), stream_chunk_mb (MiB of rows
-    per vmap call when streaming), stream_cols (None: one pass; an integer: one pass per group
-    of at most that many columns), resident_mb (largest dense copy of G's columns a solver keeps
-    when G is on disk; None: no bound).
+    can reuse | all: every step's, each tied to one job's weights), stream (build G on disk,
+    `pruning.gradients.compute`), stream_chunk_mb (MiB of rows per vmap call when streaming),
+    stream_cols (None: one pass; an integer: one pass per group of at most that many columns),
+    resident_mb (largest dense copy of G's columns a solver keeps when G is on disk; None: no
+    bound).
     """
 
     num_samples: int = 256
