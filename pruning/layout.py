@@ -47,8 +47,9 @@ class ParamLayout:
     def blocks(self, block_size: int | None = None) -> list[slice]:
         """Contiguous blocks: one per tensor, each cut into chunks of at most `block_size`.
 
-        This is the block-diagonal structure of WoodFisher (`--fisher-split-grads`) and CHITA's
-        `get_blocklist`: a tensor larger than B is split into ceil(numel / B) chunks.
+        This is the block-diagonal structure of WoodFisher (`--fisher-split-grads`): a tensor larger
+        than B is split into ceil(numel / B) chunks. CHITA's `get_blocklist` cuts the same tensor into
+        floor(numel / B) chunks of about B instead (at least B each); both keep blocks within a tensor.
         """
         if block_size is not None and block_size <= 0:
             raise ValueError(f"block_size={block_size} must be a positive integer or None")

@@ -545,9 +545,14 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
 
 # ------------------------------------------------------------------- plots
 
-def _slug(parts: Iterable[Any]) -> str:
+def _slug(parts: Iterable[Any], limit: int = 120) -> str:
+    """A file-name-safe suffix; past `limit` characters it ends with a hash of the whole key, so two
+    groups that differ only late in a long key (e.g. a `model.prunable` variant) never share a file."""
     text = "_".join(str(p) for p in parts if p not in (None, ""))
-    return re.sub(r"[^A-Za-z0-9.=,+-]+", "_", text).strip("_")[:120]
+    slug = re.sub(r"[^A-Za-z0-9.=,+-]+", "_", text).strip("_")
+    if len(slug) <= limit:
+        return slug
+    return slug[: limit - 11] + "-" + hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def _plot_groups(done: pd.DataFrame) -> list[tuple[str, dict[str, Any], pd.DataFrame]]:

@@ -857,10 +857,11 @@ def nonzero_columns(op: GradientOperator) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ the regression lr and swap share
-def regression_problem(problem: Any, sparsity: float, cfg: SolverConfig,
-                       method: str) -> tuple[Any, int, torch.Tensor, torch.Tensor]:
+def regression_problem(problem: Any, sparsity: float, cfg: SolverConfig, method: str,
+                       targets: bool = True) -> tuple[Any, int, torch.Tensor, torch.Tensor | None]:
     """What lr and swap both regress on, from a `pruning.methods.base.PruningProblem`: G (cast to the
-    solver's precision), k = floor((1 - s) p), w_bar and the targets y = G w_bar."""
+    solver's precision), k = floor((1 - s) p), w_bar and the targets y = G w_bar (None when
+    `targets` is false: lr's blocks form their own)."""
     from pruning.layout import num_kept
 
     if problem.grads is None:
@@ -868,7 +869,7 @@ def regression_problem(problem: Any, sparsity: float, cfg: SolverConfig,
     op = cast_operator(problem.grads, cfg.compute_dtype(problem.grads))
     k = num_kept(op.num_cols, sparsity)
     w_bar = problem.w_bar.to(problem.w.device, problem.w.dtype)
-    return op, k, w_bar, op.matvec(w_bar)
+    return op, k, w_bar, op.matvec(w_bar) if targets else None
 
 
 def solve_info(res: SolveResult, k: int, algorithm: str, seconds: float) -> dict[str, Any]:

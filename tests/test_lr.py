@@ -317,3 +317,51 @@ def test_backsolve_gathers_the_support_once_when_a_dense_copy_fits(monkeypatch):
     assert n_dense == 1 and n_streamed > 4
     assert torch.allclose(dense.w, streamed.w, rtol=1e-5, atol=1e-6)
     assert dense.info["backsolve_residual"] < 1e-9
+
+
+@pytest.mark.parametrize("block_size,nblocks", [(None, 6), (37, 9)])  # G's blocks (64 per tensor); B = 37
+def test_blocks_backsolve_each_block_on_its_own_targets(block_size, nblocks):
+    """CHITA Heuristic_LSBlock: the global top-k |w_bar| support, then per block b the dense ridge
+    solution of min 1/2||G_b w_bar_b - G_b w_b||^2 + (N lam / 2)||w_b - w_bar_b||^2 on its support."""
+    layout, G, Gm, w_bar = make_problem(N=40, blocks=64)
+    lam, s = 1e-2, 0.8
+    k = num_kept(300, s)
+    res = lr.prune(lr_problem(layout, Gm, w_bar), s, lr.Config(lam=lam, block_size=block_size))
+    assert torch.equal(res.mask, topk_mask(w_bar.abs(), k)) and int(res.mask.sum()) == k
+    assert res.info["blocks"] == nblocks and res.info["algorithm"] == "block_backsolve"
+    if block_size is None:
+        edges = [0, 64, 100, 164, 228, 292, 300]  # tensor a (100) and b (200) cut at 64
+    else:
+        edges = [0, 37, 74, 100, 137, 174, 211, 248, 285, 300]
+    q = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        S = torch.arange(lo, hi)[res.mask[lo:hi]]
+        Gb, GS, wb = G[:, lo:hi], G[:, S], w_bar[lo:hi]
+        ref = torch.linalg.solve(GS.T @ GS + 40 * lam * torch.eye(len(S), dtype=G.dtype),
+                                 GS.T @ (Gb @ wb) + 40 * lam * w_bar[S])
+        assert torch.allclose(res.w[S], ref, rtol=1e-8, atol=1e-10)
+        q += q_lr(Gb, wb, res.w[lo:hi], lam)
+    assert bool((res.w[~res.mask] == 0).all())
+    assert res.info["objective"] == pytest.approx(q, rel=1e-9)  # the block-diagonal model's Q
+    # one block over everything is the full backsolve on the same support
+    full = lr.prune(lr_problem(layout, Gm, w_bar), s, lr.Config(lam=lam, algorithm="backsolve"))
+    one = lr.prune(lr_problem(layout, split_blocks(G, layout, 300, torch.arange(40).view(40, 1)), w_bar), s,
+                   lr.Config(lam=lam, block_size=300))
+    assert one.info["blocks"] == 2  # a block never spans two tensors
+    assert torch.equal(full.mask, one.mask)
+
+
+def test_blocks_prune_zero_columns_first_and_reject_bad_sizes():
+    layout, G, Gm, w_bar = make_problem(seed=3)
+    zero = torch.zeros(300, dtype=torch.bool)
+    zero[::11] = True
+    G = G * ~zero
+    Gm = split_blocks(G, layout, 64, torch.arange(40).view(40, 1))
+    w_bar = torch.where(zero, 3.0 + w_bar.abs(), w_bar)  # the largest magnitudes sit on the zero columns
+    res = lr.prune(lr_problem(layout, Gm, w_bar), 0.8, lr.Config(block_size=None))
+    assert res.info["dropped_columns"] == int(zero.sum()) and not bool(res.mask[zero].any())
+    keep = lr.prune(lr_problem(layout, Gm, w_bar), 0.8, lr.Config(block_size=None, drop_zero_columns=False))
+    assert bool(keep.mask[zero].all())
+    for bad in ("auto", 0, -5, True):
+        with pytest.raises(ConfigError, match="method.block_size.*full, null"):
+            methods.make_config("lr", {"block_size": bad})

@@ -322,6 +322,19 @@ def test_noise_settings_share_one_figure_with_a_panel_each():
     assert tick_labels(axes[0])[0.02] == "0.98"
     assert metric_label("pruned_acc").startswith("test accuracy") and metric_label("my_metric") == "my metric"
 
+def test_variants_differing_late_in_a_long_key_get_their_own_figures():
+    """Two settings whose keys share their first 120 characters (a long checkpoint path, then a
+    `model.prunable` variant) used to be saved under one file name, the second over the first."""
+    head = "model.checkpoint=/data/" + "x" * 120
+    rows = [{"model": "resnet20b", "dataset": "cifar10", "schedule": "oneshot", "noise": "none",
+             "noise_label": "none", "noise_level": 0.0, "variant": f"{head} {tail}", "method": "lr",
+             "method_label": "lr", "sparsity": s, "seed": 0, "status": "completed", "final_acc": 0.5,
+             "dense_acc": 0.9} for tail in ("", "model.prunable=[a,b]") for s in (0.5, 0.9)]
+    suffixes = [suffix for suffix, _ in sparsity_figures(pd.DataFrame(rows))]
+    assert len(suffixes) == 2 and len(set(suffixes)) == 2
+    assert all(len(sfx) <= 121 for sfx in suffixes)  # "_" + at most 120
+
+
 # -------------------------------------------------------------------- W&B
 
 def _api_run(rec: dict, state: str = "finished", job_type: str | None = None) -> SimpleNamespace:
