@@ -39,12 +39,12 @@ lr's defaults beyond the solver shared with `swap` (whose defaults keep the orig
   `Heuristic_LS` on the support IHT chose; info `objective_iht` is Q before it), refined to the float64
   solution whatever G's dtype.
 
-``block_size`` (CHITA ``Heuristic_LSBlock``, the variant its ResNet/MobileNet scripts run with
+``block_size`` (CHITA ``Heuristic_LSBlock``, the variant its ResNet scripts run with
 ``block_size > 0``): ``full`` (default) is the one regression above. Otherwise Q is made
-block-diagonal over blocks b (``null``: G's blocks, one per tensor by default; an integer B: each tensor cut
-into chunks of at most B, CHITA ``get_blocklist``): the support is the global top-k of |w_bar| (with
-``drop_zero_columns``, all-zero columns first out), which fixes each block's k_b, and every block is
-backsolved on its own targets,
+block-diagonal over blocks b (``null``: G's blocks, one per tensor by default; an integer B: each
+tensor cut into chunks of at most B, where CHITA's ``get_blocklist`` cuts chunks of about B): the
+support is the global top-k of |w_bar| (with ``drop_zero_columns``, all-zero columns first out),
+which fixes each block's k_b, and every block is backsolved on its own targets,
 
     min_{w_b}  1/2 ||G_b w_bar_b - G_b w_b||^2 + (N lam / 2)||w_b - w_bar_b||^2  on its k_b weights,
 
