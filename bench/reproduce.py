@@ -89,7 +89,8 @@ def side_by_side(sweep_dir: Path) -> str:
     if done.empty:
         return "no completed runs"
     lines = []
-    for (model, dataset, schedule), grp in done.groupby(["model", "dataset", "schedule"]):
+    for (model, dataset, schedule, variant), grp in done.groupby(["model", "dataset", "schedule", "variant"],
+                                                                 dropna=False):
         table = find_table(model, dataset, schedule)
         summary = summarize(grp, "final_acc")
         methods = sorted(set(summary["method_label"]), key=lambda m: (m != "magnitude", m))
@@ -110,7 +111,8 @@ def side_by_side(sweep_dir: Path) -> str:
             gains.append(gain)
         dense = dense_baseline(grp, "final_acc")
         d = 100 * float(dense["mean"].mean()) if not dense.empty else math.nan
-        head = f"{model} / {dataset} / {schedule}: dense {d:.2f}"
+        setting = " / ".join(str(v) for v in (model, dataset, schedule, variant) if isinstance(v, str) and v)
+        head = f"{setting}: dense {d:.2f}"
         if table:
             head += f" (published {table.dense:.2f}; {table.tag}: {table.source})"
         times = grp.groupby("method_label")["time_total"].mean() if "time_total" in grp else None

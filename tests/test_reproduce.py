@@ -49,3 +49,23 @@ def test_missing_checkpoint_is_one_line(tmp_path: Path):
     args = rep.parse_args(["mlpnet", "--checkpoint", str(tmp_path / "absent.ckpt"), "--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="checkpoint .*absent.ckpt does not exist"):
         rep.command(args)
+
+
+def test_side_by_side_keeps_variants_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Two stage counts of one study are two tables; before, their runs shared one cell per method."""
+    import pandas as pd
+
+    import pruning.report
+
+    rows = [{"model": "mlpnet", "dataset": "mnist", "schedule": "multistage", "noise": "none",
+             "noise_label": "none", "noise_level": 0.0, "variant": f"schedule.stages={t}", "method": m,
+             "method_label": m, "sparsity": 0.98, "seed": seed, "status": "completed",
+             "final_acc": acc + seed / 1000, "dense_acc": 0.9377, "time_total": 1.0}
+            for t, m, acc in ((5, "magnitude", 0.30), (5, "lr", 0.60), (20, "magnitude", 0.30), (20, "lr", 0.83))
+            for seed in range(2)]
+    monkeypatch.setattr(pruning.report, "load_local", lambda _: pd.DataFrame(rows))
+    text = _reproduce().side_by_side(tmp_path)
+    tables = {part.split(":", 1)[0]: part for part in text.split("mlpnet / mnist / multistage / ")[1:]}
+    assert sorted(tables) == ["schedule.stages=20", "schedule.stages=5"]
+    assert "| 0.98 | 30.05 | 60.05 |" in tables["schedule.stages=5"] and "+30.00" in tables["schedule.stages=5"]
+    assert "| 0.98 | 30.05 | 83.05 |" in tables["schedule.stages=20"] and "+53.00" in tables["schedule.stages=20"]
