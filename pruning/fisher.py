@@ -38,12 +38,17 @@ def validate_settings(cfg: Any) -> None:
     choice(cfg.scope, "method.scope", SCOPES)
     number(cfg.update_scale, "method.update_scale", lo=0.0, allowed="a number >= 0 (1 = OBS, 0 = OBD)",
            fractions=False)
-    bs = cfg.block_size
-    require(bs is None or bs in ("full", "auto") or (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0),
-            "method.block_size", bs, "auto, null (G's blocks), a positive integer, full")
+    check_block_size(cfg.block_size, ("full", "auto"), "auto, null (G's blocks), a positive integer, full")
     if hasattr(cfg, "inverse"):
         choice(cfg.inverse, "method.inverse", INVERSES)
     choice(cfg.dtype, "method.dtype", DTYPES)
+
+
+def check_block_size(bs: Any, words: tuple[str, ...], allowed: str) -> None:
+    """`method.block_size` of a block-diagonal method: null (G's blocks), a positive integer, or one
+    of the method's `words`; `allowed` is the error's list."""
+    require(bs is None or bs in words or (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0),
+            "method.block_size", bs, allowed)
 
 
 # `block_size: auto` takes one full Fisher block up to this many prunable weights: the reference

@@ -62,8 +62,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pruning.errors import require
-from pruning.fisher import method_blocks
+from pruning.fisher import check_block_size, method_blocks
 from pruning.layout import topk_mask
 from pruning.methods.base import PruneResult, PruningProblem
 from pruning.sparse_regression import (
@@ -97,9 +96,7 @@ class Config(SolverConfig):
 
     def validate(self) -> None:
         super().validate()
-        bs = self.block_size
-        require(bs is None or bs == "full" or (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0),
-                "method.block_size", bs, "full, null (G's blocks), a positive integer")
+        check_block_size(self.block_size, ("full",), "full, null (G's blocks), a positive integer")
 
 
 def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
