@@ -343,12 +343,18 @@ def test_blocks_backsolve_each_block_on_its_own_targets(block_size, nblocks):
         q += q_lr(Gb, wb, res.w[lo:hi], lam)
     assert bool((res.w[~res.mask] == 0).all())
     assert res.info["objective"] == pytest.approx(q, rel=1e-9)  # the block-diagonal model's Q
-    # one block over everything is the full backsolve on the same support
-    full = lr.prune(lr_problem(layout, Gm, w_bar), s, lr.Config(lam=lam, algorithm="backsolve"))
-    one = lr.prune(lr_problem(layout, split_blocks(G, layout, 300, torch.arange(40).view(40, 1)), w_bar), s,
+    # a block never spans two tensors
+    two = lr.prune(lr_problem(layout, split_blocks(G, layout, 300, torch.arange(40).view(40, 1)), w_bar), s,
                    lr.Config(lam=lam, block_size=300))
-    assert one.info["blocks"] == 2  # a block never spans two tensors
-    assert torch.equal(full.mask, one.mask)
+    assert two.info["blocks"] == 2
+    # one block over everything is the full backsolve on the same support
+    single = ParamLayout(("a",), ((300,),))
+    Gs = split_blocks(G, single, None, torch.arange(40).view(40, 1))
+    full = lr.prune(lr_problem(single, Gs, w_bar), s, lr.Config(lam=lam, algorithm="backsolve"))
+    one = lr.prune(lr_problem(single, Gs, w_bar), s, lr.Config(lam=lam, block_size=None))
+    assert one.info["blocks"] == 1 and torch.equal(full.mask, one.mask)
+    assert torch.allclose(one.w, full.w, rtol=1e-8, atol=1e-10)
+    assert one.info["objective"] == pytest.approx(full.info["objective"], rel=1e-9)
 
 
 def test_blocks_prune_zero_columns_first_and_reject_bad_sizes():

@@ -322,6 +322,7 @@ def test_noise_settings_share_one_figure_with_a_panel_each():
     assert tick_labels(axes[0])[0.02] == "0.98"
     assert metric_label("pruned_acc").startswith("test accuracy") and metric_label("my_metric") == "my metric"
 
+
 def test_variants_differing_late_in_a_long_key_get_their_own_figures():
     """Two settings whose keys share their first 120 characters (a long checkpoint path, then a
     `model.prunable` variant) used to be saved under one file name, the second over the first."""
