@@ -1,6 +1,10 @@
 """Masked training of the run's state: the finetune stage (`finetune` group), and the training of
 the multistage (per-stage fine-tuning) and gradual schedules, all through `pruning.train.fit`.
 
+The finetune stage can also re-estimate the BatchNorm statistics at the final weights
+(`finetune.bn_recalibrate`: that many un-augmented training examples, after the training epochs
+if any; `finetune=bn` does only that), see `pruning.batchnorm`.
+
 Noise: with `noise_hooks: true` in the recipe (e.g. `+finetune.noise_hooks=true`) every step runs
 under the noise model's training hooks (perturbed inputs, weights, gradients), as the train-time
 methods train; off by default, which keeps the results of runs made before the option existed.
@@ -14,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
+from pruning import batchnorm
 from pruning.checkpoint import LoopCheckpoint
+from pruning.errors import integer
 from pruning.optim import stream_generators
 from pruning.seeds import derive_seed, generator
 from pruning.train import TrainConfig, fit, loop_parts, smoothed_loss, train_config
@@ -23,10 +29,22 @@ if TYPE_CHECKING:
     from pruning.context import RunContext
 
 
+# the finetune group's key that is not a training setting (examples; 0 = off)
+BN_KEY = "bn_recalibrate"
+
+
 def recipe(cfg: Any, params: Mapping[str, Any], epochs: int, key: str) -> TrainConfig:
     """A TrainConfig from a group's keys with `epochs`; the batch size defaults to the dataset's."""
+    params = {k: v for k, v in params.items() if not (key == "finetune" and k == BN_KEY)}
     data = {"batch_size": int(cfg.dataset.get("batch_size", 64)), **params, "epochs": epochs}
     return train_config(data, key)
+
+
+def bn_examples(cfg: Any) -> int:
+    """finetune.bn_recalibrate: training examples the BatchNorm statistics are re-estimated on (0 = off)."""
+    n = cfg.finetune.get(BN_KEY, 0)
+    return integer(0 if n is None else n, f"finetune.{BN_KEY}", lo=0,
+                   allowed="0 (off) or a positive number of training examples")
 
 
 def final_recipe(cfg: Any) -> TrainConfig | None:
@@ -36,14 +54,36 @@ def final_recipe(cfg: Any) -> TrainConfig | None:
 
 
 def run(job: RunContext) -> None:
-    """The finetune stage: masked training with the finetune group, then the fine-tuned metrics."""
-    tc = final_recipe(job.cfg)
-    if tc is None:
+    """The finetune stage: masked training with the finetune group and/or the BatchNorm
+    re-estimation, then the fine-tuned metrics (None when the stage does nothing)."""
+    tc, bn = final_recipe(job.cfg), bn_examples(job.cfg)
+    if tc is None and bn == 0:
         job.record.update_metrics(finetuned_acc=None, finetuned_loss=None)
         return
-    train_masked(job, tc, "finetune/final", "finetune")
+    if tc is not None:
+        train_masked(job, tc, "finetune/final", "finetune")
+    if bn:
+        recalibrate_bn(job, bn)
     ft = job.evaluate()
     job.record.update_metrics(finetuned_acc=ft["acc"], finetuned_loss=ft["loss"])
+
+
+def recalibrate_bn(job: RunContext, examples: int) -> None:
+    """Re-estimate the BatchNorm statistics of the state's model on `examples` un-augmented training
+    examples (drawn from the run seed's `finetune/bn` stream); records `bn_examples` (0 with a
+    warning when the model has no BatchNorm layer)."""
+    cfg, st = job.cfg, job.state
+    batch = int(cfg.finetune.get("batch_size") or cfg.dataset.get("batch_size", 64))
+    used = batchnorm.recalibrate(st.model, st.data.calib, examples, batch_size=batch, device=st.device,
+                                 seed=derive_seed(int(cfg.seed), "finetune/bn"), num_workers=job.num_workers,
+                                 progress=job.progress)
+    if used == 0:
+        job.record.warn(f"finetune.{BN_KEY}={examples}: model {cfg.model.name} has no BatchNorm layer, "
+                        "nothing was re-estimated")
+    else:
+        job.say(f"BatchNorm statistics re-estimated on {used} training examples "
+                f"({len(batchnorm.batchnorm_layers(st.model))} layers)")
+    job.record.update_metrics(bn_examples=used)
 
 
 def train_masked(job: RunContext, tc: TrainConfig, stream: str, phase: str,

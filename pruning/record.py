@@ -11,7 +11,8 @@ Schema (version 1):
   env        package versions, git commit, host, Slurm job id
   error      error text when failed
   warnings   one line per reused file that failed its digest check and was recomputed (or a state
-             that was discarded): what was not trusted, and what was done instead
+             that was discarded): what was not trusted, and what was done instead; or per setting
+             that had nothing to act on (finetune.bn_recalibrate on a model without BatchNorm)
 Every write goes to a temp file first and is then renamed, so a reader never sees half a file; the
 file gets the mode a plain `open` would give it (0666 less the umask), not mkstemp's 0600.
 
@@ -349,8 +350,8 @@ class RunRecord:
         print(f"error: cannot write {self.path} at all; the run's status there is stale", flush=True)
 
     def warn(self, message: str) -> None:
-        """A reused file was not trusted (digest mismatch, unreadable): say so on the console and
-        keep the line in the record's `warnings`."""
+        """Something the user should know about the result (a reused file was not trusted, a setting
+        had nothing to act on): say so on the console and keep the line in the record's `warnings`."""
         print(f"warning: {message}", flush=True)
         self.data.setdefault("warnings", []).append(message)
 

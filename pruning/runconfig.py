@@ -78,4 +78,5 @@ def validate(cfg: DictConfig) -> noise_mod.NoiseModel:
     if cfg.model.get("train") is not None and not (cfg.model.get("checkpoint") and cfg.task == "prune"):
         train_config(OmegaConf.to_container(cfg.model.train, resolve=True), "model.train")
     finetune.final_recipe(cfg)
+    finetune.bn_examples(cfg)
     return noise

@@ -1,0 +1,64 @@
+"""BatchNorm re-estimation ("BN recalibration") of a pruned network, without training.
+
+Pruning changes the distribution of every later layer's inputs, but a BatchNorm layer in eval mode
+keeps normalising with the running mean and variance of the *dense* network. Re-estimating them
+at the pruned weights is a forward-only repair (no parameter changes; the mask is untouched):
+every BatchNorm layer's running statistics are reset and recomputed as the plain average of the
+batch statistics over a sample of training examples (PyTorch's cumulative average, `momentum =
+None`; the procedure of `torch.optim.swa_utils.update_bn`, and CHITA's `recompute_bn_stats`,
+which it applies to the dense ResNet-20 before pruning).
+
+Only the BatchNorm layers run in train mode during the passes; dropout and everything else stay in
+eval mode, so the statistics are those of the network that is evaluated.
+
+Measured on the published option-B ResNet-20 (dev data: 3,728 CIFAR-10 training images, 932
+others as the test split, seed 0 of `oneshot_resnet20_cifar10`): one-shot magnitude pruning at
+70 / 80 / 90 % sparsity scored 82.40 / 50.86 / 11.48 % before and 93.45 / 83.15 / 54.72 % after,
+and it reorders the methods (README "Where the ResNet-20 reproduction stands").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of `model` that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, dataset: Dataset, examples: int, *, batch_size: int, device: torch.device,
+                seed: int, num_workers: int = 0, progress: bool = False) -> int:
+    """Reset the running mean and variance of every BatchNorm layer of `model` and re-estimate them
+    as the average of the batch statistics over `examples` examples of `dataset` (a random subset
+    drawn with `seed`; the whole dataset when `examples` is at least its size), in batches of
+    `batch_size`. Returns the number of examples used (0, and nothing changed, when the model has
+    no BatchNorm layer). The model is left in eval mode, its parameters unchanged."""
+    layers = batchnorm_layers(model)
+    if not layers or examples <= 0:
+        return 0
+    n = len(dataset)  # type: ignore[arg-type]
+    g = torch.Generator()
+    g.manual_seed(seed)
+    chosen = torch.randperm(n, generator=g)[:min(examples, n)].sort().values
+    loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    momenta = [m.momentum for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average of the batch statistics, not an exponential one
+        m.train()
+    try:
+        for x, _ in tqdm(loader, desc="BN statistics", disable=not progress, leave=False):
+            model(x.to(device))
+    finally:
+        for m, mom in zip(layers, momenta):
+            m.momentum = mom
+        model.eval()
+    return len(chosen)
