@@ -420,11 +420,15 @@ def magnitude_gains(summary: pd.DataFrame, table: Any) -> dict[tuple[float, str]
 def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str, Any],
                     metric: str) -> str | None:
     """Markdown: ours beside the published numbers (`pruning.published`) for a noise-free setting
-    whose model, dataset and schedule have a published table; None otherwise. Ours in percent
-    (x100) when the metric is an accuracy fraction."""
+    whose model, dataset and schedule have a published table; None otherwise, and for a variant that
+    repairs the pruned model (any `finetune` but `none`: fine-tuning, BatchNorm re-estimation), which
+    the published one-shot protocols do not. Ours in percent (x100) when the metric is an accuracy
+    fraction."""
     from pruning.published import find_table
 
     if not metric.endswith("acc") or key.get("noise_label") not in ("none", None, ""):
+        return None
+    if any(v.startswith("finetune") and v != "finetune=none" for v in str(key.get("variant") or "").split()):
         return None
     table = find_table(key.get("model"), key.get("dataset"), key.get("schedule"))
     if table is None:

@@ -10,10 +10,10 @@ from pruning.report import render_markdown, to_frame
 
 
 def _row(method: str, sparsity: float, seed: int, acc: float, dense: float = 0.94, noise: str = "none",
-         model: str = "mlpnet") -> dict:
+         model: str = "mlpnet", variant: str = "") -> dict:
     return {"sweep": "t", "model": model, "dataset": "mnist", "method": method, "method_label": method,
             "schedule": "oneshot", "noise": noise, "noise_level": 0.0 if noise == "none" else 1.0,
-            "noise_label": noise if noise == "none" else f"{noise}(1)", "variant": "",
+            "noise_label": noise if noise == "none" else f"{noise}(1)", "variant": variant,
             "sparsity": sparsity, "seed": seed, "status": "completed", "final_acc": acc, "dense_acc": dense,
             "run": f"{method}-{sparsity}-{seed}", "overrides": ""}
 
@@ -43,7 +43,8 @@ def test_report_puts_published_beside_ours():
     assert "| dense | – | 94.00 | 93.97 | +0.03 |" in md
 
 
-@pytest.mark.parametrize("kw", [{"noise": "gradient"}, {"model": "mlp"}])
+@pytest.mark.parametrize("kw", [{"noise": "gradient"}, {"model": "mlp"}, {"variant": "finetune=bn"},
+                                {"variant": "finetune=short model.prunable=x"}])
 def test_no_published_column_for_noisy_or_unpublished_settings(kw):
     md = render_markdown(to_frame([_row("magnitude", 0.9, 0, 0.9, **kw)]))
     assert "Published (" not in md
@@ -56,3 +57,9 @@ def test_gain_over_magnitude_beside_the_published_gain():
     md = render_markdown(to_frame(rows))
     assert "| 0.98 | cbs | 51.00 ± 1.41 (n=2) | 55.45 | -4.45 | +21.00 / +23.20 |" in md
     assert "| 0.98 | magnitude | 30.00 ± 0.00 (n=2) | 32.25 | -2.25 | – |" in md
+
+
+def test_a_variant_without_repair_keeps_the_published_column():
+    for variant in ("finetune=none", "model.prunable=x finetune=none"):
+        md = render_markdown(to_frame([_row("magnitude", 0.9, 0, 0.9, variant=variant)]))
+        assert "Published (verified)" in md, variant
