@@ -82,7 +82,14 @@ def command(args: argparse.Namespace) -> list[str]:
 def side_by_side(sweep_dir: Path) -> str:
     """Rows = sparsity, columns = method: ours (mean over seeds, percent) / published."""
     from pruning.published import find_table
-    from pruning.report import dense_baseline, load_local, magnitude_gains, markdown_table, summarize
+    from pruning.report import (
+        dense_baseline,
+        load_local,
+        magnitude_gains,
+        markdown_table,
+        repairs_pruned_model,
+        summarize,
+    )
 
     df = load_local(sweep_dir)
     done = df[(df["status"] == "completed") & (df["noise"].fillna("none") == "none")]
@@ -91,7 +98,8 @@ def side_by_side(sweep_dir: Path) -> str:
     lines = []
     for (model, dataset, schedule, variant), grp in done.groupby(["model", "dataset", "schedule", "variant"],
                                                                  dropna=False):
-        table = find_table(model, dataset, schedule)
+        # the published one-shot protocols neither fine-tune nor re-estimate BatchNorm
+        table = None if repairs_pruned_model(variant) else find_table(model, dataset, schedule)
         summary = summarize(grp, "final_acc")
         methods = sorted(set(summary["method_label"]), key=lambda m: (m != "magnitude", m))
         by_gain = magnitude_gains(summary, table)
@@ -116,7 +124,10 @@ def side_by_side(sweep_dir: Path) -> str:
         if table:
             head += f" (published {table.dense:.2f}; {table.tag}: {table.source})"
         times = grp.groupby("method_label")["time_total"].mean() if "time_total" in grp else None
-        lines += [head, "cells: ours / published, accuracy in percent", "",
+        cells = "cells: ours / published, accuracy in percent" if table else "cells: ours, accuracy in percent"
+        if table is None and repairs_pruned_model(variant):
+            cells += " (no published column: the published protocol does not repair the pruned model)"
+        lines += [head, cells, "",
                   markdown_table(["sparsity", *methods], rows)]
         if "magnitude" in methods and len(methods) > 1:  # a different test split shifts accuracies, not gains
             lines += ["", "gain over magnitude pruning, ours / published (points)", "",

@@ -417,6 +417,12 @@ def magnitude_gains(summary: pd.DataFrame, table: Any) -> dict[tuple[float, str]
     return out
 
 
+def repairs_pruned_model(variant: str | None) -> bool:
+    """Whether a report variant (its overrides, space-separated) repairs the pruned model after the
+    prune stage: any `finetune` option but `none` (fine-tuning, BatchNorm re-estimation)."""
+    return any(v.startswith("finetune") and v != "finetune=none" for v in str(variant or "").split())
+
+
 def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str, Any],
                     metric: str) -> str | None:
     """Markdown: ours beside the published numbers (`pruning.published`) for a noise-free setting
@@ -428,7 +434,7 @@ def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str
 
     if not metric.endswith("acc") or key.get("noise_label") not in ("none", None, ""):
         return None
-    if any(v.startswith("finetune") and v != "finetune=none" for v in str(key.get("variant") or "").split()):
+    if repairs_pruned_model(key.get("variant")):
         return None
     table = find_table(key.get("model"), key.get("dataset"), key.get("schedule"))
     if table is None:

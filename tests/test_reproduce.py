@@ -69,3 +69,23 @@ def test_side_by_side_keeps_variants_apart(monkeypatch: pytest.MonkeyPatch, tmp_
     assert sorted(tables) == ["schedule.stages=20", "schedule.stages=5"]
     assert "| 0.98 | 30.05 | 60.05 |" in tables["schedule.stages=5"] and "+30.00" in tables["schedule.stages=5"]
     assert "| 0.98 | 30.05 | 83.05 |" in tables["schedule.stages=20"] and "+53.00" in tables["schedule.stages=20"]
+
+
+def test_side_by_side_puts_no_published_number_beside_a_repaired_variant(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path):
+    """finetune=bn re-estimates BatchNorm after pruning, which the published one-shot table does not."""
+    import pandas as pd
+
+    import pruning.report
+
+    rows = [{"model": "mlpnet", "dataset": "mnist", "schedule": "oneshot", "noise": "none",
+             "noise_label": "none", "noise_level": 0.0, "variant": variant, "method": "cbs",
+             "method_label": "cbs", "sparsity": 0.98, "seed": 0, "status": "completed",
+             "final_acc": 0.5, "dense_acc": 0.9377, "time_total": 1.0}
+            for variant in ("finetune=none", "finetune=bn")]
+    monkeypatch.setattr(pruning.report, "load_local", lambda _: pd.DataFrame(rows))
+    text = _reproduce().side_by_side(tmp_path)
+    tables = {part.split(":", 1)[0]: part for part in text.split("mlpnet / mnist / oneshot / ")[1:]}
+    assert "| 0.98 | 50.00 / 55.45 |" in tables["finetune=none"]
+    assert "| 0.98 | 50.00 |" in tables["finetune=bn"] and "55.45" not in tables["finetune=bn"]
+    assert "no published column" in tables["finetune=bn"]
