@@ -19,10 +19,20 @@ and it reorders the methods (README "Where the ResNet-20 reproduction stands").
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
+
+from pruning.errors import integer
+
+
+def examples_setting(value: Any, key: str) -> int:
+    """A `bn_recalibrate` setting: 0 or null (off) or a positive number of training examples."""
+    return integer(0 if value is None else value, key, lo=0,
+                   allowed="0 (off) or a positive number of training examples")
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -1,6 +1,6 @@
 """What the stages of a run share (`RunContext`): its configuration, state (`RunState`), record,
 stage checkpoint and lock, and the services every stage uses: console lines, metrics rows,
-stage timing, test evaluation, the method's config and the gradient matrix G."""
+stage timing, test evaluation, BatchNorm re-estimation, the method's config and the gradient matrix G."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pruning import calibrate, methods
+from pruning import batchnorm, calibrate, methods
 from pruning import config as config_mod
 from pruning.checkpoint import StageCheckpoint
 from pruning.gradients import GradientMatrix
@@ -93,6 +93,21 @@ class RunContext:
         """Test accuracy and loss of the state's model."""
         return evaluate(self.state.model, self.state.data.test, self.state.device, int(self.cfg.eval.batch_size),
                         num_workers=self.num_workers)
+
+    def recalibrate_bn(self, examples: int, key: str, seed: int, batch_size: int) -> int:
+        """Re-estimate the BatchNorm statistics of the state's model on `examples` un-augmented
+        training examples drawn with `seed` (`pruning.batchnorm`); says so, or warns naming the
+        setting `key` when the model has no BatchNorm layer. Returns the examples used."""
+        st = self.state
+        used = batchnorm.recalibrate(st.model, st.data.calib, examples, batch_size=batch_size, device=st.device,
+                                     seed=seed, num_workers=self.num_workers, progress=self.progress)
+        if used == 0:
+            self.record.warn(f"{key}={examples}: model {self.cfg.model.name} has no BatchNorm layer, "
+                             "nothing was re-estimated")
+        else:
+            self.say(f"BatchNorm statistics re-estimated on {used} training examples "
+                     f"({len(batchnorm.batchnorm_layers(st.model))} layers, {key})")
+        return used
 
     @property
     def num_workers(self) -> int:

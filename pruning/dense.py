@@ -1,6 +1,7 @@
 """The setup stage: pick the device, load the data, build the model and give it its dense
-weights (a checkpoint, or the model's training recipe, cached on disk per recipe), filling the
-run's `RunState`; and task=train's dense checkpoint."""
+weights (a checkpoint, or the model's training recipe, cached on disk per recipe), optionally
+re-estimate its BatchNorm statistics (`model.bn_recalibrate`), filling the run's `RunState`; and
+task=train's dense checkpoint."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import OmegaConf
 
-from pruning import calibrate
+from pruning import batchnorm, calibrate
 from pruning import device as device_mod
 from pruning.checkpoint import atomic_torch_save
 from pruning.data import build_dataset
@@ -59,10 +60,22 @@ def setup(job: RunContext) -> None:
         train_dense(job, model)
         check_finite_weights(cfg, model, str(cache_path(cfg)))
     st.model = model.to(st.device)
+    examples = dense_bn_examples(cfg)
+    if examples and cfg.task == "prune":
+        # the same examples for every run seed: all seeds prune one dense model
+        batch = int((cfg.model.get("train") or {}).get("batch_size") or cfg.dataset.get("batch_size", 64))
+        used = job.recalibrate_bn(examples, "model.bn_recalibrate", derive_seed(0, "dense/bn"), batch)
+        job.record.update_metrics(dense_bn_examples=used)
     st.w_dense = get_flat(st.model, st.layout)
     st.mask = torch.ones(st.layout.numel, dtype=torch.bool, device=st.device)
     st.built()
     job.record.update_metrics(numel_prunable=st.layout.numel)
+
+
+def dense_bn_examples(cfg: Any) -> int:
+    """model.bn_recalibrate: training examples the loaded (or trained) dense model's BatchNorm
+    statistics are re-estimated on before pruning (0 = off)."""
+    return batchnorm.examples_setting(cfg.model.get("bn_recalibrate", 0), "model.bn_recalibrate")
 
 
 def check_finite_weights(cfg: Any, model: torch.nn.Module, source: str) -> None:

@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 
 from pruning import batchnorm
 from pruning.checkpoint import LoopCheckpoint
-from pruning.errors import integer
 from pruning.optim import stream_generators
 from pruning.seeds import derive_seed, generator
 from pruning.train import TrainConfig, fit, loop_parts, smoothed_loss, train_config
@@ -42,9 +41,7 @@ def recipe(cfg: Any, params: Mapping[str, Any], epochs: int, key: str) -> TrainC
 
 def bn_examples(cfg: Any) -> int:
     """finetune.bn_recalibrate: training examples the BatchNorm statistics are re-estimated on (0 = off)."""
-    n = cfg.finetune.get(BN_KEY, 0)
-    return integer(0 if n is None else n, f"finetune.{BN_KEY}", lo=0,
-                   allowed="0 (off) or a positive number of training examples")
+    return batchnorm.examples_setting(cfg.finetune.get(BN_KEY, 0), f"finetune.{BN_KEY}")
 
 
 def final_recipe(cfg: Any) -> TrainConfig | None:
@@ -69,20 +66,11 @@ def run(job: RunContext) -> None:
 
 
 def recalibrate_bn(job: RunContext, examples: int) -> None:
-    """Re-estimate the BatchNorm statistics of the state's model on `examples` un-augmented training
-    examples (drawn from the run seed's `finetune/bn` stream); records `bn_examples` (0 with a
-    warning when the model has no BatchNorm layer)."""
-    cfg, st = job.cfg, job.state
+    """BatchNorm re-estimation at the final weights (examples from the run seed's `finetune/bn`
+    stream, batches of finetune.batch_size, else the dataset's); records `bn_examples`."""
+    cfg = job.cfg
     batch = int(cfg.finetune.get("batch_size") or cfg.dataset.get("batch_size", 64))
-    used = batchnorm.recalibrate(st.model, st.data.calib, examples, batch_size=batch, device=st.device,
-                                 seed=derive_seed(int(cfg.seed), "finetune/bn"), num_workers=job.num_workers,
-                                 progress=job.progress)
-    if used == 0:
-        job.record.warn(f"finetune.{BN_KEY}={examples}: model {cfg.model.name} has no BatchNorm layer, "
-                        "nothing was re-estimated")
-    else:
-        job.say(f"BatchNorm statistics re-estimated on {used} training examples "
-                f"({len(batchnorm.batchnorm_layers(st.model))} layers)")
+    used = job.recalibrate_bn(examples, f"finetune.{BN_KEY}", derive_seed(int(cfg.seed), "finetune/bn"), batch)
     job.record.update_metrics(bn_examples=used)
 
 

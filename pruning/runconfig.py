@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pruning import config as config_mod
-from pruning import finetune, methods, schedules
+from pruning import dense, finetune, methods, schedules
 from pruning import noise as noise_mod
 from pruning.errors import ConfigError
 from pruning.train import train_config
@@ -79,4 +79,5 @@ def validate(cfg: DictConfig) -> noise_mod.NoiseModel:
         train_config(OmegaConf.to_container(cfg.model.train, resolve=True), "model.train")
     finetune.final_recipe(cfg)
     finetune.bn_examples(cfg)
+    dense.dense_bn_examples(cfg)
     return noise
