@@ -11,6 +11,12 @@ which it applies to the dense ResNet-20 before pruning).
 Only the BatchNorm layers run in train mode during the passes; dropout and everything else stay in
 eval mode, so the statistics are those of the network that is evaluated.
 
+The examples come from the training split *with* its augmentation (the run passes `data.train`),
+as the network was trained: its layers learned under batch statistics of augmented images, and on
+the published ResNet-20 statistics of un-augmented images cost accuracy (dev data, seed 0 of the
+study: magnitude at 40 % sparsity 96.89 % as pruned, 98.18 % re-estimated on augmented images,
+94.53 % on un-augmented ones). The augmentation draws are seeded, so a run is repeatable.
+
 Measured on the published option-B ResNet-20 (dev data: 3,728 CIFAR-10 training images, 932
 others as the test split, seed 0 of `oneshot_resnet20_cifar10`): one-shot magnitude pruning at
 70 / 80 / 90 % sparsity scored 82.40 / 50.86 / 11.48 % before and 93.45 / 83.15 / 54.72 % after,
@@ -47,7 +53,8 @@ def recalibrate(model: nn.Module, dataset: Dataset, examples: int, *, batch_size
     """Reset the running mean and variance of every BatchNorm layer of `model` and re-estimate them
     as the average of the batch statistics over `examples` examples of `dataset` (a random subset
     drawn with `seed`; the whole dataset when `examples` is at least its size), in batches of
-    `batch_size`. Returns the number of examples used (0, and nothing changed, when the model has
+    `batch_size`; random transforms of `dataset` (augmentation) draw from `seed` too, not from the
+    global generator. Returns the number of examples used (0, and nothing changed, when the model has
     no BatchNorm layer). The model is left in eval mode, its parameters unchanged."""
     layers = batchnorm_layers(model)
     if not layers or examples <= 0:
@@ -57,7 +64,7 @@ def recalibrate(model: nn.Module, dataset: Dataset, examples: int, *, batch_size
     g.manual_seed(seed)
     chosen = torch.randperm(n, generator=g)[:min(examples, n)].sort().values
     loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+                        num_workers=num_workers, generator=g)  # g seeds the worker processes
     momenta = [m.momentum for m in layers]
     model.eval()
     for m in layers:
@@ -65,8 +72,10 @@ def recalibrate(model: nn.Module, dataset: Dataset, examples: int, *, batch_size
         m.momentum = None  # cumulative average of the batch statistics, not an exponential one
         m.train()
     try:
-        for x, _ in tqdm(loader, desc="BN statistics", disable=not progress, leave=False):
-            model(x.to(device))
+        with torch.random.fork_rng(devices=[]):  # in-process augmentation: seeded, global stream untouched
+            torch.manual_seed(seed)
+            for x, _ in tqdm(loader, desc="BN statistics", disable=not progress, leave=False):
+                model(x.to(device))
     finally:
         for m, mom in zip(layers, momenta):
             m.momentum = mom

@@ -95,11 +95,11 @@ class RunContext:
                         num_workers=self.num_workers)
 
     def recalibrate_bn(self, examples: int, key: str, seed: int, batch_size: int) -> int:
-        """Re-estimate the BatchNorm statistics of the state's model on `examples` un-augmented
-        training examples drawn with `seed` (`pruning.batchnorm`); says so, or warns naming the
-        setting `key` when the model has no BatchNorm layer. Returns the examples used."""
+        """Re-estimate the BatchNorm statistics of the state's model on `examples` training examples
+        (augmented as in training) drawn with `seed` (`pruning.batchnorm`); says so, or warns naming
+        the setting `key` when the model has no BatchNorm layer. Returns the examples used."""
         st = self.state
-        used = batchnorm.recalibrate(st.model, st.data.calib, examples, batch_size=batch_size, device=st.device,
+        used = batchnorm.recalibrate(st.model, st.data.train, examples, batch_size=batch_size, device=st.device,
                                      seed=seed, num_workers=self.num_workers, progress=self.progress)
         if used == 0:
             self.record.warn(f"{key}={examples}: model {self.cfg.model.name} has no BatchNorm layer, "

@@ -2,8 +2,8 @@
 the multistage (per-stage fine-tuning) and gradual schedules, all through `pruning.train.fit`.
 
 The finetune stage can also re-estimate the BatchNorm statistics at the final weights
-(`finetune.bn_recalibrate`: that many un-augmented training examples, after the training epochs
-if any; `finetune=bn` does only that), see `pruning.batchnorm`.
+(`finetune.bn_recalibrate`: that many training examples, augmented as in training, after the
+training epochs if any; `finetune=bn` does only that), see `pruning.batchnorm`.
 
 Noise: with `noise_hooks: true` in the recipe (e.g. `+finetune.noise_hooks=true`) every step runs
 under the noise model's training hooks (perturbed inputs, weights, gradients), as the train-time

@@ -61,6 +61,34 @@ def test_a_subset_is_drawn_with_the_seed():
     assert not torch.allclose(stats[0][0], stats[1][0])
 
 
+class _Augmented(torch.utils.data.Dataset):
+    """A random transform drawn from torch's global generator, as torchvision's transforms draw."""
+
+    def __init__(self, base: TensorDataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.base[i]
+        return x + torch.rand(()), y
+
+
+def test_augmentation_draws_are_seeded_and_leave_the_global_stream_alone():
+    data = _Augmented(_data(12))
+    means = []
+    for seed in (3, 3, 4):
+        net = _net()
+        torch.manual_seed(99)
+        recalibrate(net, data, 12, batch_size=4, device=torch.device("cpu"), seed=seed)
+        means.append(net[2].running_mean.clone())
+        after = torch.rand(())
+        torch.manual_seed(99)
+        assert after == torch.rand(())  # the global generator is where it was
+    assert torch.equal(means[0], means[1]) and not torch.allclose(means[0], means[2])
+
+
 def test_no_batchnorm_or_no_examples_changes_nothing():
     mlp = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     data = TensorDataset(torch.randn(6, 4), torch.zeros(6, dtype=torch.long))

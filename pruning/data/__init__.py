@@ -30,7 +30,7 @@ class DataBundle:
     name: str
     train: Dataset           # with training augmentation, if any
     test: Dataset
-    calib: Dataset           # the training split without augmentation (G, GFS scoring, BN stats)
+    calib: Dataset           # the training split without augmentation (G, GFS scoring)
     input_shape: tuple[int, ...]
     num_classes: int
     mean: tuple[float, ...]  # per-channel (or single) normalisation applied inside the model
