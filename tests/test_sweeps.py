@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pruning import config as config_mod
-from pruning import methods
+from pruning import finetune, methods
 from pruning import noise as noise_mod
 from pruning.errors import ConfigError
 from pruning.sweep import expected_grid
@@ -121,8 +121,8 @@ def check_jobs(name: str, overrides: list[str] | None = None) -> int:
             config_mod.validate(cfg)
         methods.make_config(cfg.method.name, cfg.method)
         noise_mod.build(cfg.noise)
-        if cfg.finetune.epochs:
-            train_config(OmegaConf.to_container(cfg.finetune, resolve=True), "finetune")
+        finetune.final_recipe(cfg)  # the finetune group's training settings, as a run reads them
+        finetune.bn_examples(cfg)
         if cfg.schedule.get("stage_finetune"):
             params = {**OmegaConf.to_container(cfg.schedule.stage_finetune, resolve=True),
                       "epochs": cfg.schedule.finetune_epochs}
