@@ -61,7 +61,9 @@ def setup(job: RunContext) -> None:
         check_finite_weights(cfg, model, str(cache_path(cfg)))
     st.model = model.to(st.device)
     examples = dense_bn_examples(cfg)
-    if examples and cfg.task == "prune":
+    # a resumed attempt restores the model's buffers and the record from its saved state right after
+    # setup, so re-estimating here would be thrown away (and would repeat its warning in the record)
+    if examples and cfg.task == "prune" and job.ckpt.state is None:
         # the same examples for every run seed: all seeds prune one dense model
         batch = int((cfg.model.get("train") or {}).get("batch_size") or cfg.dataset.get("batch_size", 64))
         used = job.recalibrate_bn(examples, "model.bn_recalibrate", derive_seed(0, "dense/bn"), batch)

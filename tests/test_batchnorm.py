@@ -147,3 +147,15 @@ def test_dense_statistics_re_estimated_before_pruning(shared_data, make_cfg, tmp
     # measured here: 56.8 % with the wrong statistics as loaded, about 97 % once re-estimated
     assert plain["dense_acc"] < 0.7 and fixed[0]["dense_acc"] > 0.9
     assert fixed[0]["dense_bn_examples"] == 2000 and fixed[0]["dense_acc"] == fixed[1]["dense_acc"]
+
+
+def test_a_resumed_run_does_not_re_estimate_the_dense_model(make_cfg, tmp_path, monkeypatch):
+    """The saved state replaces the model after setup: its warning is in the record once, not twice."""
+    from tests.test_integrity import _interrupted_state
+
+    cfg = make_cfg("model.bn_recalibrate=100", "sparsity=0.8")
+    _interrupted_state(cfg, tmp_path / "run", "prune", monkeypatch)
+    rec = run(cfg, tmp_path / "run")
+    assert rec["resumed_from"] == "prune" and rec["status"] == "completed"
+    assert [w for w in rec["warnings"] if "no BatchNorm layer" in w] == [
+        "model.bn_recalibrate=100: model mlp has no BatchNorm layer, nothing was re-estimated"]
