@@ -99,7 +99,8 @@ def side_by_side(sweep_dir: Path) -> str:
     for (model, dataset, schedule, variant), grp in done.groupby(["model", "dataset", "schedule", "variant"],
                                                                  dropna=False):
         # the published one-shot protocols neither fine-tune nor re-estimate BatchNorm
-        table = None if repairs_pruned_model(variant) else find_table(model, dataset, schedule)
+        repaired = repairs_pruned_model(grp, "final_acc")
+        table = None if repaired else find_table(model, dataset, schedule)
         summary = summarize(grp, "final_acc")
         methods = sorted(set(summary["method_label"]), key=lambda m: (m != "magnitude", m))
         by_gain = magnitude_gains(summary, table)
@@ -125,7 +126,7 @@ def side_by_side(sweep_dir: Path) -> str:
             head += f" (published {table.dense:.2f}; {table.tag}: {table.source})"
         times = grp.groupby("method_label")["time_total"].mean() if "time_total" in grp else None
         cells = "cells: ours / published, accuracy in percent" if table else "cells: ours, accuracy in percent"
-        if table is None and repairs_pruned_model(variant):
+        if repaired and find_table(model, dataset, schedule) is not None:
             cells += " (no published column: the published protocol does not repair the pruned model)"
         lines += [head, cells, "",
                   markdown_table(["sparsity", *methods], rows)]

@@ -417,24 +417,36 @@ def magnitude_gains(summary: pd.DataFrame, table: Any) -> dict[tuple[float, str]
     return out
 
 
-def repairs_pruned_model(variant: str | None) -> bool:
-    """Whether a report variant (its overrides, space-separated) repairs the pruned model after the
-    prune stage: any `finetune` option but `none` (fine-tuning, BatchNorm re-estimation)."""
-    return any(v.startswith("finetune") and v != "finetune=none" for v in str(variant or "").split())
+def repairs_pruned_model(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> bool:
+    """Whether `metric` of these runs was measured on a repaired pruned model (fine-tuning,
+    BatchNorm re-estimation), which the published one-shot protocols never do.
+
+    Read from the records, so a repair set in a study's base config (no `finetune` override in the
+    variant) counts and `finetune.epochs=0` does not: a run whose finetune stage did something has
+    a `finetuned_acc` (None when the stage is off). `pruned_*` and `dense_*` are measured before the
+    stage, so they stay comparable. Frames without the column fall back to the overrides: any
+    `finetune` option but `none`."""
+    if metric.startswith(("pruned_", "dense_")):
+        return False
+    cols = [c for c in ("finetuned_acc", "finetuned_loss") if c in runs.columns]
+    if cols:
+        return bool(runs[cols].apply(pd.to_numeric, errors="coerce").notna().to_numpy().any())
+    variants = runs["variant"].dropna() if "variant" in runs.columns else []
+    return any(v.startswith("finetune") and v != "finetune=none" for var in variants for v in str(var).split())
 
 
 def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str, Any],
-                    metric: str) -> str | None:
+                    metric: str, runs: pd.DataFrame | None = None) -> str | None:
     """Markdown: ours beside the published numbers (`pruning.published`) for a noise-free setting
-    whose model, dataset and schedule have a published table; None otherwise, and for a variant that
-    repairs the pruned model (any `finetune` but `none`: fine-tuning, BatchNorm re-estimation), which
-    the published one-shot protocols do not. Ours in percent (x100) when the metric is an accuracy
+    whose model, dataset and schedule have a published table; None otherwise, and when the metric
+    was measured on a repaired pruned model (`repairs_pruned_model` of the setting's completed
+    `runs`: fine-tuning, BatchNorm re-estimation), which the published one-shot protocols do not. Ours in percent (x100) when the metric is an accuracy
     fraction."""
     from pruning.published import find_table
 
     if not metric.endswith("acc") or key.get("noise_label") not in ("none", None, ""):
         return None
-    if repairs_pruned_model(key.get("variant")):
+    if repairs_pruned_model(runs if runs is not None else pd.DataFrame([dict(key)]), metric):
         return None
     table = find_table(key.get("model"), key.get("dataset"), key.get("schedule"))
     if table is None:
@@ -513,6 +525,7 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
     summary = summarize(df, metric)
     dense = dense_baseline(df, metric)
     paired = paired_differences(df, metric, reference, confidence)
+    done = _completed(df, metric)
     sweeps = sorted({str(s) for s in df["sweep"].dropna()}) if not df.empty else []
     title = title or (", ".join(sweeps) if sweeps else (status.sweep_dir.name if status is not None else "sweep"))
     status_rows, counts = _status_rows(df, status)
@@ -530,7 +543,7 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
     for key, grp in summary.groupby(SETTING_COLS + ["noise_level"], dropna=False, sort=True):
         k = dict(zip(SETTING_COLS + ["noise_level"], key))
         out += ["", f"## {_setting_title(k)}", "", comparison_table(grp, _select(dense, k), metric, reference)]
-        published = published_table(grp, _select(dense, k), k, metric)
+        published = published_table(grp, _select(dense, k), k, metric, runs=_select(done, k))
         if published:
             out += ["", published]
         sub = _select(paired, k)

@@ -50,6 +50,23 @@ def test_no_published_column_for_noisy_or_unpublished_settings(kw):
     assert "Published (" not in md
 
 
+def test_the_records_decide_whether_the_pruned_model_was_repaired():
+    """A repair set in a study's base config (no finetune override in the variant) hides the
+    published column; finetune.epochs=0 (no finetuned_acc) keeps it; pruned_acc, measured before
+    the finetune stage, is comparable either way."""
+    base = [{**_row("magnitude", 0.9, 0, 0.95), "pruned_acc": 0.9, "finetuned_acc": 0.95}]
+    assert "Published (" not in render_markdown(to_frame(base))
+    md = render_markdown(to_frame(base), metric="pruned_acc")
+    assert "| 0.9 | magnitude | 90.00 (n=1) | 90.30 | -0.30 |" in md
+    off = [{**_row("magnitude", 0.9, 0, 0.9, variant="finetune.epochs=0"), "finetuned_acc": None}]
+    assert "Published (verified)" in render_markdown(to_frame(off))
+    # one setting repaired, the other not: each decides on its own runs
+    both = [{**_row("magnitude", 0.9, 0, 0.9, variant="finetune=none"), "finetuned_acc": None},
+            {**_row("magnitude", 0.9, 0, 0.95, variant="finetune=bn"), "finetuned_acc": 0.95}]
+    md = render_markdown(to_frame(both))
+    assert md.count("Published (verified)") == 1 and "| 0.9 | magnitude | 90.00 (n=1) | 90.30 |" in md
+
+
 def test_gain_over_magnitude_beside_the_published_gain():
     """ours - magnitude (same runs) beside published cbs - published magnitude: 55.45 - 32.25."""
     rows = [_row("magnitude", 0.98, s, 0.30) for s in range(2)]
