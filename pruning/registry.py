@@ -118,17 +118,20 @@ METHODS: dict[str, MethodSpec] = {
 
 @dataclass(frozen=True)
 class NoiseSpec:
-    """`config`: the model's Config dataclass (None: no settings); `build(cfg) -> NoiseModel`."""
+    """`config`: the model's Config dataclass (None: no settings); `build(cfg) -> NoiseModel`;
+    `level`: the Config key that is the run index's noise_level (`NoiseModel.level`)."""
 
     config: Ref | None
     build: Ref
+    level: str | None = None
 
 
 NOISE: dict[str, NoiseSpec] = {
     "none": NoiseSpec(None, Ref("pruning.noise:NoiseModel")),
-    "gradient": NoiseSpec(Ref("pruning.noise.gradient:Config"), Ref("pruning.noise.gradient:build")),
-    "analog": NoiseSpec(Ref("pruning.noise.analog:Config"), Ref("pruning.noise.analog:build")),
-    "adversarial": NoiseSpec(Ref("pruning.noise.adversarial:Config"), Ref("pruning.noise.adversarial:build")),
+    "gradient": NoiseSpec(Ref("pruning.noise.gradient:Config"), Ref("pruning.noise.gradient:build"), "kappa"),
+    "analog": NoiseSpec(Ref("pruning.noise.analog:Config"), Ref("pruning.noise.analog:build"), "prog_noise_scale"),
+    "adversarial": NoiseSpec(Ref("pruning.noise.adversarial:Config"), Ref("pruning.noise.adversarial:build"),
+                             "eps"),
 }
 
 MODELS: dict[str, Ref] = {

@@ -786,12 +786,27 @@ def plot_paired_vs_sparsity(df: pd.DataFrame, out_dir: str | Path, metric: str =
     return paths
 
 
+def other_noise_params(kind: Any, label: Any) -> str:
+    """The parameters of a noise label but its level (the x axis of acc_vs_noise), e.g.
+    gradient(fraction=0.25,kappa=1) -> "fraction=0.25"; "" when there are none."""
+    from pruning.registry import NOISE
+
+    spec, m = NOISE.get(str(kind)), re.fullmatch(r"[^(]*\((.*)\)", str(label))
+    if spec is None or m is None:
+        return ""
+    params = re.split(r",(?![^\[]*\])", m.group(1))  # not inside a list value, e.g. t_inference=[0,3600]
+    return ",".join(p for p in params if "=" in p and p.split("=", 1)[0] != spec.level)
+
+
 def plot_acc_vs_noise(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAULT_METRIC,
                       sparsity: float | None = None, reference: str = DEFAULT_REFERENCE) -> list[Path]:
     """metric vs noise level at one sparsity (default: the highest of each group), one line per
-    method with a ±std band over seeds and its number of seeds in the legend; only for groups
-    whose noise level varies. PNG (300 dpi) and PDF."""
+    method and setting of the other noise parameters (a kappa x fraction grid: one line per
+    fraction; never averaged together), with a ±std band over seeds and its number of seeds in the
+    legend; only for groups whose noise level varies. PNG (300 dpi) and PDF."""
     from matplotlib.figure import Figure
+
+    from pruning.registry import NOISE
 
     done = _completed(df, metric).dropna(subset=[metric])
     paths = []
@@ -803,14 +818,23 @@ def plot_acc_vs_noise(df: pd.DataFrame, out_dir: str | Path, metric: str = DEFAU
         sub = grp[(grp["sparsity"] - s).abs() < 1e-9]
         if sub.empty:
             continue
+        sub = sub.assign(_other=[other_noise_params(k, lb) for k, lb in zip(sub["noise"], sub["noise_label"])])
+        others = sorted(set(sub["_other"]))
         fig = Figure(figsize=(5, 3.6), layout="constrained")
         ax = fig.subplots()
-        for i, m in enumerate(_method_order(sub["method_label"], reference)):
-            agg = sub[sub["method_label"] == m].groupby("noise_level")[metric].agg(["mean", "std", "count"])
-            _band(ax, agg.index.to_list(), agg["mean"], agg["std"], f"{m} ({_n_label(agg['count'])})", f"C{i}")
+        lines = [(m, o) for m in _method_order(sub["method_label"], reference) for o in others]
+        for i, (m, o) in enumerate(lines):
+            rows = sub[(sub["method_label"] == m) & (sub["_other"] == o)]
+            if rows.empty:
+                continue
+            agg = rows.groupby("noise_level")[metric].agg(["mean", "std", "count"])
+            name = f"{m} {o}" if len(others) > 1 else m
+            _band(ax, agg.index.to_list(), agg["mean"], agg["std"], f"{name} ({_n_label(agg['count'])})", f"C{i % 10}")
         if dm and dm in sub.columns and sub[dm].notna().any():
             ax.axhline(float(pd.to_numeric(sub[dm]).mean()), ls="--", color="k", lw=1, label="dense")
-        ax.set_xlabel(f"noise level ({key['noise']})")
+        spec = NOISE.get(str(key["noise"]))
+        level = spec.level if spec is not None else None
+        ax.set_xlabel(f"noise level ({key['noise']}{f': {level}' if level else ''})")
         ax.set_ylabel(metric_label(metric))
         ax.set_title(f"{key['model']} / {key['dataset']} at sparsity {_g(s)}", fontsize=10)
         ax.grid(alpha=0.3)

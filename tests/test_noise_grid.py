@@ -123,3 +123,15 @@ def test_same_seed_gives_every_method_the_same_analog_eval_draws(make_cfg, tmp_p
     (da, ma), (db, mb) = results
     assert len(da) == len(db) > 0 and all(torch.equal(x, y) for x, y in zip(da, db))
     assert ma["nnz_prunable"] == mb["nnz_prunable"]
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_the_registry_names_the_config_key_that_is_the_level(make_cfg, noise):
+    """The report plots noise_level against the registry's `level` key and keeps the others apart."""
+    from pruning.registry import NOISE
+
+    key = NOISE[noise].level
+    assert key is not None
+    cfg = make_cfg(f"noise={noise}", f"noise.{key}=0.123")
+    assert build(cfg.noise).level == pytest.approx(0.123)
+

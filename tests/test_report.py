@@ -256,6 +256,37 @@ def test_plots_are_written_as_png(sweep_dir):
 
 
 
+def test_acc_vs_noise_keeps_other_noise_parameters_apart(tmp_path, monkeypatch):
+    """A kappa x fraction grid: one line per fraction, never the two fractions pooled as seeds
+    (the x axis is the level, kappa)."""
+    import pruning.report as report_mod
+
+    rows = [{"model": "m", "dataset": "d", "schedule": "oneshot", "noise": "gradient", "variant": "",
+             "noise_level": float(k), "noise_label": f"gradient(fraction={f},kappa={k})", "method": "magnitude",
+             "method_label": "magnitude", "sparsity": 0.9, "seed": seed, "status": "completed",
+             "final_acc": acc + k / 100 + seed / 1000, "dense_acc": 0.95}
+            for f, acc in ((0.25, 0.8), (0.5, 0.6)) for k in (1, 4) for seed in range(3)]
+    figs = []
+    monkeypatch.setattr(report_mod, "_save", lambda fig, out_dir, stem: figs.append(fig) or [])
+    report_mod.plot_acc_vs_noise(pd.DataFrame(rows), tmp_path)
+    (ax,) = figs[0].axes
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    assert lines.pop("dense") and sorted(lines) == ["magnitude fraction=0.25 (n=3)", "magnitude fraction=0.5 (n=3)"]
+    assert lines["magnitude fraction=0.25 (n=3)"] == pytest.approx([0.811, 0.841])
+    assert lines["magnitude fraction=0.5 (n=3)"] == pytest.approx([0.611, 0.641])
+    assert "kappa" in ax.get_xlabel()
+
+
+def test_other_noise_params_drop_only_the_level():
+    from pruning.report import other_noise_params
+
+    assert other_noise_params("gradient", "gradient(fraction=0.25,kappa=1)") == "fraction=0.25"
+    assert other_noise_params("gradient", "gradient(2)") == ""
+    assert other_noise_params("analog", "analog(prog_noise_scale=1,t_inference=[0,3600])") == "t_inference=[0,3600]"
+    assert other_noise_params("adversarial", "adversarial(eps=0.03,fraction=0.5)") == "fraction=0.5"
+    assert other_noise_params("none", "none") == ""
+
+
 def tick_labels(ax) -> dict[float, str]:
     """x tick position (kept fraction) -> its label, as the formatter draws it."""
     fmt = ax.xaxis.get_major_formatter()
