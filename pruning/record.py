@@ -213,21 +213,34 @@ def run_id_for(sweep: str, overrides: list[str], seed: int) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
+def _git(where: Path, *args: str) -> str | None:
+    """stdout of a git command run in `where`; None outside a checkout or without git."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_state(where: Path | None = None) -> dict[str, Any]:
+    """The code a run ran (`where`: default this package's checkout): `git_commit` (HEAD) and,
+    since HEAD alone does not say it when tracked files were edited, `git_dirty` and
+    `git_diff_sha1` (sha1 of `git diff HEAD`, None when clean); all None outside a git checkout
+    (an installed wheel)."""
+    where = where if where is not None else Path(__file__).resolve().parent
+    commit = _git(where, "rev-parse", "HEAD")
+    diff = _git(where, "diff", "HEAD", "--no-ext-diff", "--no-color") if commit else None
+    dirty = None if diff is None else bool(diff)
+    return {"git_commit": commit.strip() or None if commit else None, "git_dirty": dirty,
+            "git_diff_sha1": hashlib.sha1(diff.encode()).hexdigest() if dirty else None}
 
 
 def environment() -> dict[str, Any]:
-    """Package versions, git commit, host and scheduler ids of this process."""
+    """Package versions (this project's too), the code's git state (`git_state`), host and scheduler
+    ids of this process."""
     versions = {}
-    for pkg in ("torch", "torchvision", "numpy", "hydra-core", "omegaconf", "submitit", "wandb", "pot"):
+    for pkg in ("pruning-noise", "torch", "torchvision", "numpy", "scipy", "pandas", "hydra-core", "omegaconf",
+                "submitit", "wandb", "pot"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -235,7 +248,7 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "packages": versions,
-        "git_commit": _git_commit(),
+        **git_state(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

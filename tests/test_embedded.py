@@ -25,8 +25,32 @@ def test_default_runs_end_to_end(make_cfg, tmp_path):
     assert 0.0 <= m["pruned_acc"] <= 1.0 and 0.0 <= m["dense_acc"] <= 1.0
     assert m["dense_acc"] > 0.9  # a trained MLP on digits
     assert set(rec["timings"]) >= {"setup", "dense_eval", "prune", "finetune", "eval", "total"}
-    assert rec["env"]["packages"]["torch"]
+    assert rec["env"]["packages"]["torch"] and rec["env"]["packages"]["pruning-noise"]
+    assert {"git_commit", "git_dirty", "git_diff_sha1"} <= set(rec["env"])
     assert (run_dir / "config.resolved.json").is_file()
+
+
+def test_git_state_says_when_tracked_files_were_edited(tmp_path):
+    """A run from an edited checkout is not recorded as if it ran HEAD's code."""
+    import hashlib
+    import subprocess
+
+    from pruning.record import git_state
+
+    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None, "git_diff_sha1": None}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked files are not the code\n")
+    assert git_state(tmp_path) == {"git_commit": head, "git_dirty": False, "git_diff_sha1": None}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    diff = subprocess.run([*git, "diff", "HEAD"], capture_output=True, text=True, check=True).stdout
+    state = git_state(tmp_path)
+    assert state["git_commit"] == head and state["git_dirty"] is True
+    assert state["git_diff_sha1"] == hashlib.sha1(diff.encode()).hexdigest()
 
 
 def test_relaunch_skips_completed(make_cfg, tmp_path, capsys):
