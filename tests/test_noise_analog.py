@@ -57,6 +57,9 @@ def test_formula_values_by_hand():
     assert float(programming_noise_std(g)[-1]) / 25 == pytest.approx(0.0422, abs=1e-4)
     # g_max only rescales: sigma_prog(g_max = 50) at the same g^ is twice as large
     assert float(programming_noise_std(torch.tensor(50.0), PCMParams(g_max=50.0))) == pytest.approx(2 * 1.05538)
+    # coefficients fitted at the device's own g_max are used as given (aihwkit: prog_coeff_g_max_reference)
+    own = PCMParams(g_max=50.0, prog_coeff=(0.5, 1.0, 0.0), prog_coeff_g_max=50.0)
+    assert float(programming_noise_std(torch.tensor(25.0), own)) == pytest.approx(0.5 + 1.0 * 0.5)
     mu, sig = drift_nu_moments(torch.tensor([1.0, 0.1, 0.01, 1e-3], dtype=torch.float64) * 25.0)
     assert mu.tolist() == pytest.approx([0.049, -0.0155 * math.log(0.1) + 0.0244, -0.0155 * math.log(0.01) + 0.0244,
                                          0.1], rel=1e-12)

@@ -13,6 +13,7 @@ Per prunable tensor W (conductances in microsiemens, g^ = g / g_max, clipped to 
                 g- = clip(-s W, 0, g_max) + g_min; both devices get independent noise;
                 W~ = (g~+ - g~-) / s
   programming   sigma_prog = (g_max / 25) (c0 + c1 g^_T + c2 g^_T^2),  (c0, c1, c2) = (0.26348, 1.9650, -1.1731)
+                fitted at 25 uS (`prog_coeff_g_max`, the reference g_max of user coefficients)
                 g_prog = max(0, g_T + prog_noise_scale sigma_prog xi)
   drift         nu = |N(mu_nu, sigma_nu)| drift_scale, sampled once at programming, with
                 mu_nu = clip(-0.0155 ln g^_T + 0.0244, 0.049, 0.1),
@@ -75,8 +76,11 @@ class PCMParams:
 
     g_max: float = 25.0          # uS, max conductance of one device (weight max|W| maps to g_max)
     g_min: float = 0.0           # uS, conductance of a device at weight 0
-    # sigma_prog = (g_max/25) * sum_k c_k (g_T/g_max)^k, uS
+    # sigma_prog = (g_max / prog_coeff_g_max) * sum_k c_k (g_T/g_max)^k, uS
     prog_coeff: tuple[float, ...] = (0.26348, 1.9650, -1.1731)
+    # uS, the g_max the prog_coeff were fitted at (aihwkit's prog_coeff_g_max_reference: 25 for the
+    # published fit); set it with your own coefficients, so they are not rescaled
+    prog_coeff_g_max: float = 25.0
     t0: float = 20.0             # s, first read after programming; drift (t/t0)^-nu with t = t_inference + t0
     # s, read duration: sigma_read = |g_drift| Q_s sqrt(ln((t + t_read) / (2 t_read)))
     t_read: float = 2.5e-7
@@ -101,6 +105,7 @@ class PCMParams:
             g_max=number(self.g_max, f"{prefix}.g_max", lo=0.0, lo_open=True),
             g_min=number(self.g_min, f"{prefix}.g_min", lo=0.0),
             prog_coeff=numbers(self.prog_coeff, f"{prefix}.prog_coeff"),
+            prog_coeff_g_max=number(self.prog_coeff_g_max, f"{prefix}.prog_coeff_g_max", lo=0.0, lo_open=True),
             t0=number(self.t0, f"{prefix}.t0", lo=0.0, lo_open=True),
             t_read=number(self.t_read, f"{prefix}.t_read", lo=0.0, lo_open=True),
             nu_mean=pair(self.nu_mean, "nu_mean"),
@@ -122,12 +127,13 @@ PCM = PCMParams()
 
 # ---------------------------------------------------------------------------- pure maths
 def programming_noise_std(g_target: torch.Tensor, pcm: PCMParams = PCM) -> torch.Tensor:
-    """sigma_prog(g_T) = (g_max / 25) sum_k c_k (g_T / g_max)^k, in uS."""
+    """sigma_prog(g_T) = (g_max / prog_coeff_g_max) sum_k c_k (g_T / g_max)^k, in uS (the published
+    coefficients were fitted at g_max = 25 uS and scale with the device's g_max)."""
     gh = g_target / pcm.g_max
     sig = torch.zeros_like(g_target)
     for k, c in enumerate(pcm.prog_coeff):
         sig = sig + c * gh ** k
-    return sig * (pcm.g_max / 25.0)
+    return sig * (pcm.g_max / pcm.prog_coeff_g_max)
 
 
 def drift_nu_moments(g_target: torch.Tensor, pcm: PCMParams = PCM) -> tuple[torch.Tensor, torch.Tensor]:
