@@ -22,7 +22,8 @@ Labels derived from a run's result-relevant overrides:
   noise label    the noise kind plus its parameters, e.g. `gradient(kappa=2)`; `none`
   variant        any other override (e.g. `finetune=short`): a separate table
 Paired differences compare runs of two methods in the same cell and with the same seed, i.e.
-with the same calibration subset, G and noise draws (see `pruning.seeds.derive_seed`).
+with the same calibration subsets and noise draws (see `pruning.seeds.derive_seed`), and the same
+G at the first pruning stage (later stages compute G at each method's own weights).
 
 `--to-wandb` uploads the tables and plots to a run with job_type="report" in the sweep's group.
 """
@@ -314,7 +315,8 @@ def paired_ci(diffs: Sequence[float], confidence: float = 0.95) -> PairedCI:
 def paired_differences(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: str = DEFAULT_REFERENCE,
                        confidence: float = 0.95) -> pd.DataFrame:
     """metric(method) - metric(reference) per (setting, noise level, sparsity, seed), i.e. runs that
-    shared the calibration subset, G and noise draws; mean and t-CI over seeds per method."""
+    shared the calibration subsets and noise draws (and G at the first stage); mean and t-CI over
+    seeds per method."""
     done = _completed(df, metric)
     keys = SETTING_COLS + ["noise_level", "sparsity"]
     cols = keys + ["method_label", "reference", "n", "mean_diff", "std_diff", "ci_low", "ci_high"]
@@ -549,7 +551,7 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
         sub = _select(paired, k)
         if not sub.empty:
             out += ["", f"Paired differences vs `{reference}` (same cell and seed: shared calibration "
-                        f"data, G and noise draws); {confidence:.0%} CI over seeds (t), * = excludes 0:",
+                        f"data and noise draws); {confidence:.0%} CI over seeds (t), * = excludes 0:",
                     "", paired_table(sub, confidence)]
         elif len(set(grp["method_label"])) > 1:
             out += ["", f"(no paired differences: reference method `{reference}` has no runs here)"]
