@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from pruning import flops, structured
 from pruning.data import DataBundle
+from pruning.errors import RunCheckError
 from pruning.layout import make_layout
 from pruning.methods import gfs
 from pruning.methods.base import TrainContext
@@ -247,6 +248,19 @@ def test_run_on_conv_net_meets_budget(budget):
     assert ctx.model.block.conv1.out_channels == info["structured/channels/block.conv1"]
     assert [r["layer"] for r in rows if r.get("phase") == "gfs"] == ["block.conv1", "inv.conv.0", "head"]
     ctx.model(torch.rand(2, 1, 6, 6))
+
+
+def test_accuracy_budget_refuses_a_network_that_classifies_nothing():
+    """budget=accuracy stops at (1 - tol) x the unpruned top-1: at 0 the rule holds at once and every
+    layer would silently keep one channel."""
+    net = conv_net()
+    with torch.no_grad():
+        net.fc.bias.copy_(torch.tensor([1e4, 0.0, 0.0, 0.0]))  # always class 0
+    ctx = conv_context(net, [])
+    x, y = ctx.data.calib.tensors
+    ctx.data.calib.tensors = (x, torch.where(y == 0, torch.ones_like(y), y))  # and no example is class 0
+    with pytest.raises(RunCheckError, match="budget=accuracy"):
+        gfs.run(ctx, gfs.Config(budget="accuracy", batch_size=32, num_evaluate=6))
 
 
 def test_resnet20_groups_and_shrink_if_available():

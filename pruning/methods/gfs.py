@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from pruning import flops, structured
-from pruning.errors import ConfigError, choice, integer, number
+from pruning.errors import ConfigError, RunCheckError, choice, integer, number
 from pruning.layout import get_flat
 from pruning.methods.base import PruneResult, TrainContext
 from pruning.optim import generators_state, load_generators_state, stream_generators, train_loop
@@ -388,6 +388,11 @@ def _select_layer(ctx: TrainContext, cfg: Config, gm: Any, g: Any, masker: Any, 
             x, y = load_batch(calib, eval_idx[ch], ctx.device)
             cached.append((scorer.capture(x), y))
         init_loss, init_top1 = eval_cached(scorer, cached, torch.ones(g.size))
+        if k_target is None and init_top1 <= 0:
+            # the accuracy rule compares with init_top1: at 0 it holds at once and every layer keeps one channel
+            raise RunCheckError(f"gfs: the unpruned network classifies none of the {eval_idx.numel()} eval-train "
+                                f"examples (top-1 0 at layer {g.name}), so method.budget=accuracy cannot stop "
+                                f"meaningfully; train the dense model first or use budget width, flops or params")
         selected, _losses = greedy_select(
             scorer, next_batch, gens["method"], num_evaluate=cfg.num_evaluate, k_target=k_target,
             eval_top1=lambda sel: eval_cached(scorer, cached, alpha_scale(sel, g.size))[1],

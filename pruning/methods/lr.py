@@ -79,8 +79,10 @@ from pruning.sparse_regression import (
 
 @dataclass(frozen=True)
 class Config(SolverConfig):
-    """The solver knobs of `pruning.sparse_regression.SolverConfig` (defaults: CHITA's, lam = 0.01),
-    with CHITA's zero-column drop, conjugate steps on a fixed support and the final backsolve on."""
+    """The solver knobs of `pruning.sparse_regression.SolverConfig` (CHITA's solver; lam = 0.01 is
+    SWAP's lambda, shared with `swap` so the two arms solve one objective; CHITA's scripts use
+    l2 = 1e-4, which oneshot_resnet20_cifar10 sets), with CHITA's zero-column drop, conjugate steps
+    on a fixed support and the final backsolve on."""
 
     # CHITA Active_IHTCDLS_PP: all-zero columns of G are pruned for free (swap keeps them: false)
     drop_zero_columns: bool = True
