@@ -420,3 +420,14 @@ def test_swap_beats_magnitude_on_digits(make_cfg, tmp_path, capsys):
     assert raw["no_progress"] is True and raw["no_progress_reason"] == "no_descent"
     assert accs["raw1"] == accs["magnitude"]
     assert "warning: stage 1: swap made no progress" in capsys.readouterr().out
+
+
+def test_an_unconverged_plan_is_warned_and_recorded(make_cfg, tmp_path, capsys):
+    """Plain Sinkhorn at a tiny raw epsilon overflows and returns a plan that is not a coupling; the
+    stage carries on, so the run must say so (auto would have fallen back to Newton)."""
+    rec = run(make_cfg("method=swap", "sparsity=0.9", "method.sinkhorn_method=sinkhorn", "method.epsilon=1e-6",
+                       "method.epsilon_units=raw", "method.sinkhorn_max_iter=20"), tmp_path / "run")
+    stage = rec["stages"][0]
+    assert stage["sinkhorn_converged"] is False
+    assert any("transport plan did not converge" in w for w in rec["warnings"]), rec.get("warnings")
+    assert "method.sinkhorn_method=sinkhorn" in capsys.readouterr().out

@@ -62,6 +62,12 @@ def record_stage(job: RunContext, stage: int, target: float, result: PruneResult
     job.record.add_stage(row)
     job.log({"phase": "prune", **row})
     job.say(f"  stage {stage}: target {target:.4f} achieved {row['sparsity']:.4f} acc {ev['acc']:.4f}")
+    method = job.cfg.method.name
     if row.get("no_progress"):  # the solver returned its start (e.g. magnitude pruning): say so
-        job.say(f"  warning: stage {stage}: {job.cfg.method.name} made no progress from its starting point "
-                f"({row.get('no_progress_reason', 'no step')})")
+        job.record.warn(f"stage {stage}: {method} made no progress from its starting point "
+                        f"({row.get('no_progress_reason', 'no step')})")
+    if row.get("sinkhorn_converged") is False:  # the plan is not a coupling: its objective means little
+        job.record.warn(f"stage {stage}: {method}'s transport plan did not converge "
+                        f"(method.sinkhorn_method={row.get('sinkhorn_method')}, relative marginal error "
+                        f"{row.get('marginal_error_rel', float('nan')):.3g} after {row.get('sinkhorn_iterations')} "
+                        f"iterations); method.sinkhorn_method=auto falls back to Newton, or raise method.epsilon")
