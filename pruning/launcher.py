@@ -33,7 +33,7 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
 from pruning.lock import LOCK_NAME, read_lock
-from pruning.record import RunRecord
+from pruning.record import ERROR_FILE, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def mark_unfinished(run_dir: Path, reason: str, details: str = "", job_id: str |
         return "completed"
     record.fail(reason)
     if details:
-        (run_dir / "error.txt").write_text(f"{reason}\n\n{details}\n")
+        (run_dir / ERROR_FILE).write_text(f"{reason}\n\n{details}\n")
     return "failed"
 
 

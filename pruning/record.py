@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import IO, Any
 
 SCHEMA_VERSION = 1
+# a failed attempt's traceback (or the launcher's reason) in the run directory
+ERROR_FILE = "error.txt"
 INDEX_KEYS = ("model", "dataset", "method", "schedule", "noise", "noise_level", "sparsity", "seed", "sweep")
 
 
@@ -318,6 +320,10 @@ class RunRecord:
         previous = self.existing()
         if previous:
             self.data["attempt"] = int(previous.get("attempt", 0)) + 1
+            # the traceback of an earlier attempt is history, not this attempt's error (which the record clears)
+            stale = self.run_dir / ERROR_FILE
+            if stale.is_file():
+                stale.replace(self.run_dir / f"error.attempt{int(previous.get('attempt', 0))}.txt")
         self.data["status"] = "running"
         self.data["error"] = None
         self.data["started_at"] = time.time()

@@ -33,7 +33,7 @@ from pruning.artifacts import save_pruned
 from pruning.context import RunContext
 from pruning.errors import ConfigError, RunCheckError
 from pruning.lock import describe
-from pruning.record import atomic_write_json
+from pruning.record import ERROR_FILE, atomic_write_json
 from pruning.runconfig import index, method_params, validate
 from pruning.tracking import build_tracker
 
@@ -162,7 +162,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> 
                             error_type="config" if isinstance(exc, ConfigError) else type(exc).__name__)
             if not one_line:
                 try:
-                    (job.run_dir / "error.txt").write_text(traceback.format_exc())
+                    (job.run_dir / ERROR_FILE).write_text(traceback.format_exc())
                 except OSError:  # e.g. the disk is full: the record above already says failed
                     pass
         raise
@@ -186,7 +186,7 @@ def main(cfg: DictConfig) -> float | None:
             return None
         raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
     except Exception as exc:  # in launch.log too (Hydra prints the traceback of a single run on stderr only)
-        error_txt = Path(hc.runtime.output_dir) / "error.txt"
+        error_txt = Path(hc.runtime.output_dir) / ERROR_FILE
         where = f"; see {error_txt}" if error_txt.is_file() else ""
         log.error(f"run failed ({type(exc).__name__}: {exc}){where}")
         if multirun and not cfg.get("fail_fast", False):

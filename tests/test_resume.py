@@ -310,3 +310,21 @@ def test_submitit_local_sweep_survives_a_killed_job_and_the_relaunch_resumes_it(
     assert rec["resumed_from"].startswith("finetune/") and int(rec["resumed_from"].split("/")[1]) >= done - 1
     epochs = [r["epoch"] for r in _rows(long) if r["phase"] == "finetune"]
     assert epochs == list(range(1, 301))
+
+
+def test_a_completed_retry_leaves_no_stale_error_file(make_cfg: Callable[..., Any], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """error.txt is the failed attempt's traceback; once a later attempt runs it is history
+    (error.attempt<k>.txt), so a completed run's directory does not show an error the record cleared."""
+    import pruning.evaluation
+
+    cfg, run_dir = make_cfg(), tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(pruning.evaluation, "final_eval", lambda job: (_ for _ in ()).throw(RuntimeError("disk hiccup")))
+        with pytest.raises(RuntimeError):
+            run(cfg, run_dir)
+    assert "disk hiccup" in (run_dir / "error.txt").read_text()
+    rec = run(cfg, run_dir)
+    assert rec["status"] == "completed" and rec["attempt"] == 2 and rec["error"] is None
+    assert not (run_dir / "error.txt").exists()
+    assert "disk hiccup" in (run_dir / "error.attempt1.txt").read_text()
