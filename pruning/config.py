@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pruning.errors import ConfigError, choice, flag, integer, require, unknown_key
+from pruning.errors import ConfigError, choice, closest, flag, integer, require, unknown_key
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -244,22 +244,79 @@ def check_unknown_keys(overrides: Sequence[str], flags: Mapping[str, str]) -> st
             if head not in cfg and head not in known_top_level_keys():
                 return f"error: {unknown_key(head, value, keys)}"
         elif OmegaConf.select(cfg, key, default=_MISSING) is _MISSING and head not in swept_groups:
-            return f"error: {unknown_key(key, value, keys)}"
+            return _group_key_message(key, value, cfg) or f"error: {unknown_key(key, value, keys)}"
     return None
 
 
 _MISSING = object()
 
 
+def _group_key_message(key: str, value: str, cfg: Any) -> str | None:
+    """The one line for `method.<k>=v` / `noise.<k>=v` when the selected option has no key k: its own
+    keys, and which options do have k (select one, or `+method_args.<m>.<k>=v` for one method only)."""
+    import dataclasses
+
+    from pruning.registry import METHODS, NOISE
+
+    group, _, sub = key.partition(".")
+    if group not in ("method", "noise") or not sub or group not in cfg:
+        return None
+    current = str(cfg[group].get("name" if group == "method" else "kind", ""))
+    top = sub.split(".")[0]
+    registry = METHODS if group == "method" else NOISE
+    owners = [name for name, spec in registry.items()
+              if spec.config is not None and top in {f.name for f in dataclasses.fields(spec.config.load())}]
+    own = sorted(str(k) for k in cfg[group].keys() if k not in ("name", "kind"))
+    near = closest(top, own)
+    allowed = (f"did you mean {group}.{near}? " if near else "") + f"the keys of {group} {current!r}: {', '.join(own) or 'none'}"
+    if owners and group == "method":
+        allowed += (f"; {top} is a key of {', '.join(owners)}: select one ({group}={owners[0]} {key}={value}) "
+                    f"or set it for that method only (+method_args.{owners[0]}.{sub}={value})")
+    elif owners:
+        allowed += f"; {top} is a key of noise {', '.join(owners)} (noise={owners[0]} {key}={value})"
+    return f"error: {ConfigError(key, value, allowed, f'is not a key of {group} {current!r}')}"
+
+
+def check_quoted_values(overrides: Sequence[str]) -> str | None:
+    """One line for a value holding an unquoted `=`, e.g. a run directory `.../seed=0/model.pt`:
+    Hydra's grammar stops at the second `=` and prints a parser error."""
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if "=" in value and value[:1] not in ("'", '"') and not re.match(r"^\w+\(", value):
+            return (f"error: {key.lstrip('+~')}={value!r} holds '=', which Hydra reads as a second override; "
+                    f"allowed: the value in single quotes inside double quotes, e.g. \"{key}='{value}'\"")
+    return None
+
+
+def check_config_name(flags: Mapping[str, str]) -> str | None:
+    """One line for `-cn NAME` naming no config in `-cd DIR` (else conf/): the closest name, and
+    `-cd sweeps` when NAME is a study given without it."""
+    name = flags.get("-cn", flags.get("--config-name"))
+    if not name:
+        return None
+    where = Path(flags.get("-cd", flags.get("--config-dir", "")) or CONF_DIR)
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if (where / f"{stem}.yaml").is_file():
+        return None
+    studies = CONF_DIR.parent / "sweeps"
+    if (studies / f"{stem}.yaml").is_file():
+        return f"error: -cn {name!r} is a study; allowed: add -cd sweeps (python3 launch.py -cd sweeps -cn {stem})"
+    names = sorted(p.stem for p in where.glob("*.yaml")) if where.is_dir() else []
+    allowed = f"did you mean {near}?" if (near := closest(stem, names)) else "one of " + ", ".join(names)
+    return f"error: -cn {name!r} is not a config in {where}; allowed: {allowed}"
+
+
 def precheck_cli(argv: Sequence[str] | None = None) -> None:
-    """Exit with status 2 and one line on stderr for an unknown group option, a key given twice or an
-    unknown key on the command line (before Hydra composes anything)."""
+    """Exit with status 2 and one line on stderr for an unknown config name (-cn), a value with an
+    unquoted `=`, an unknown group option, a key given twice or an unknown key on the command line
+    (before Hydra composes anything)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, flags = split_cli(argv)
     if "--help" in flags or "-h" in flags or "--hydra-help" in flags:
         return
     # with -cd/--config-dir pointing elsewhere (sweeps/) the groups still come from conf/
-    msg = check_group_overrides(argv) or check_repeated_keys(overrides) or check_unknown_keys(overrides, flags)
+    msg = (check_config_name(flags) or check_quoted_values(overrides) or check_group_overrides(argv)
+           or check_repeated_keys(overrides) or check_unknown_keys(overrides, flags))
     if msg:
         print(msg, file=sys.stderr)
         raise SystemExit(2)

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import ROOT
 from omegaconf import open_dict
 from test_cli import error_lines, launch
 
@@ -93,6 +94,29 @@ def test_precheck_helpers():
     assert closest("zzz", ["seed", "sparsity"]) is None
     assert "did you mean calibration.num_samples" in str(unknown_key("calibration.num_sample", 1,
                                                                      ["calibration.num_samples"]))
+
+
+def test_a_key_of_another_option_names_the_option_that_has_it():
+    from pruning.config import check_unknown_keys
+
+    msg = check_unknown_keys(["method.damp=1e-3"], {})
+    assert "is not a key of method 'magnitude'" in msg and "scope" in msg
+    assert "method=woodfisher method.damp=1e-3" in msg and "+method_args.woodfisher.damp=1e-3" in msg
+    assert "did you mean method.damp?" in check_unknown_keys(["method=woodfisher", "method.dampp=1"], {})
+    msg = check_unknown_keys(["noise.kappa=2"], {})
+    assert "is not a key of noise 'none'" in msg and "noise=gradient noise.kappa=2" in msg
+
+
+def test_config_names_and_values_hydra_cannot_parse_get_one_line(tmp_path):
+    from pruning.config import check_config_name, check_quoted_values
+
+    assert "did you mean smoke?" in check_config_name({"-cd": str(ROOT / "sweeps"), "-cn": "smok"})
+    assert "add -cd sweeps" in check_config_name({"-cn": "smoke"})
+    assert check_config_name({"-cd": str(ROOT / "sweeps"), "-cn": "smoke"}) is None
+    assert check_config_name({"-cn": "config"}) is None and check_config_name({}) is None
+    msg = check_quoted_values(["model.checkpoint=/runs/sparsity=0.5/seed=0/model.pt"])
+    assert msg and "\"model.checkpoint='/runs/sparsity=0.5/seed=0/model.pt'\"" in msg
+    assert check_quoted_values(["model.checkpoint='/runs/seed=0/model.pt'", "seed=range(3)", "sparsity=0.5"]) is None
 
 
 # --------------------------------------------------------------- the whole config, before any data
