@@ -274,15 +274,17 @@ def summarize(df: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
 
 
 def dense_baseline(df: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
-    """The dense model's value of the metric (dense_acc for *_acc, dense_loss for *_loss) over the
-    completed runs of each (setting, noise level, sparsity) row: mean, std, n."""
+    """The dense model's value of the metric (dense_acc for *_acc, dense_loss for *_loss) of each
+    (setting, noise level, sparsity) row: mean, std and n over seeds (every method of a seed prunes
+    the same dense model, so its runs count once)."""
     done = _completed(df, metric)
     keys = SETTING_COLS + ["noise_level", "sparsity"]
     dm = dense_metric(metric)
     if done.empty or not dm or dm not in done.columns:
         return pd.DataFrame(columns=keys + ["mean", "std", "n"])
     done[dm] = pd.to_numeric(done[dm], errors="coerce")
-    agg = done.groupby(keys, dropna=False, sort=True)[dm].agg(["mean", "std", "count"])
+    per_seed = done.groupby(keys + ["seed"], dropna=False, sort=True)[dm].mean().reset_index()
+    agg = per_seed.groupby(keys, dropna=False, sort=True)[dm].agg(["mean", "std", "count"])
     return agg.rename(columns={"count": "n"}).reset_index()
 
 
