@@ -104,6 +104,10 @@ class Job(RunContext):
         self.record.set_env(torch_threads=torch.get_num_threads())
         self.tracker = build_tracker(cfg.logger)
         self.guard("start", lambda: self.tracker.start(self.record, resolved))
+        if cfg.task == "prune" and self.ckpt.state is None:  # a resumed attempt keeps the first one's warnings
+            idle = idle_noise(cfg, self.state.noise)
+            if idle:
+                self.record.warn(idle)
         return True
 
     def setup(self) -> None:
@@ -134,6 +138,24 @@ class Job(RunContext):
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
         self.lock.release()
+
+
+def _noise_hooks_on(node: Any) -> bool:
+    """Whether any training recipe under `node` (finetune, schedule stages) sets noise_hooks: true."""
+    if isinstance(node, dict):
+        return bool(node.get("noise_hooks")) or any(_noise_hooks_on(v) for v in node.values())
+    return False
+
+
+def idle_noise(cfg: DictConfig, noise: Any) -> str | None:
+    """`pruning.noise.idle_reason` for this run's method and training recipes."""
+    from pruning import methods
+    from pruning.noise import idle_reason
+
+    name = str(cfg.method.name)
+    trains = methods.kind(name) == "train" or any(
+        _noise_hooks_on(OmegaConf.to_container(cfg[k], resolve=True)) for k in ("finetune", "schedule") if k in cfg)
+    return idle_reason(noise, name, methods.needs_gradients(name), trains)
 
 
 def wandb_id(run_id: str, previous: dict[str, Any] | None, resumed: bool) -> str:

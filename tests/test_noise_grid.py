@@ -135,3 +135,29 @@ def test_the_registry_names_the_config_key_that_is_the_level(make_cfg, noise):
     cfg = make_cfg(f"noise={noise}", f"noise.{key}=0.123")
     assert build(cfg.noise).level == pytest.approx(0.123)
 
+
+
+@pytest.mark.parametrize(("overrides", "idle"), [
+    (["noise=gradient"], True),                                  # magnitude computes no G
+    (["noise=gradient", "method=woodfisher"], False),
+    (["noise=gradient", "finetune=short", "+finetune.noise_hooks=true"], False),  # fine-tuning under the hooks
+    (["noise=adversarial"], False),                              # robust accuracy at evaluation
+    (["noise=adversarial", "noise.apply_to=[calibration]"], True),
+    (["noise=analog", "noise.apply_to=[]", "method=woodfisher"], True),
+    (["noise=none"], False),
+])
+def test_a_noise_model_with_nothing_to_act_on_is_named(make_cfg, overrides, idle):
+    """A noisy label on a noise-free result is a trap in a comparison table: the run says so."""
+    from pruning.task import idle_noise
+
+    cfg = make_cfg(*overrides)
+    msg = idle_noise(cfg, build(cfg.noise))
+    assert (msg is not None) == idle, msg
+    if idle:
+        assert f"noise={cfg.noise.kind} has nothing to act on" in msg and "noise-free" in msg
+
+
+def test_the_warning_lands_in_the_record_once(make_cfg, tmp_path):
+    rec = run(make_cfg("noise=gradient"), tmp_path / "run")
+    assert [w for w in rec.get("warnings", []) if "nothing to act on" in w] and rec["status"] == "completed"
+    assert "gradient/nsr_measured" not in rec["metrics"]

@@ -67,6 +67,9 @@ class NoiseModel:
 
     kind = "none"
     ACTS_ON: frozenset[str] = frozenset()  # keys of HOOKS whose hook this model implements
+    # whether its `evaluate` perturbs what is measured (analog weights, adversarial inputs) rather
+    # than only reporting on the run's noise (gradient: the measured SNR)
+    EVALUATION_PERTURBS = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -153,6 +156,28 @@ def parse_config(cls: type[T], cfg: Mapping[str, Any] | Any, prefix: str = "nois
                     f.name for f in dataclasses.fields(default)))
             data[name] = parse_config(default, value, f"{prefix}.{name}")
     return cls(**data)
+
+
+# hook points that act while G is computed or, under training hooks, at every training step
+CALIBRATION_HOOKS = frozenset({"inputs", "weights", "gradient_rows"})
+
+
+def idle_reason(noise: NoiseModel, method: str, computes_g: bool, trains_with_hooks: bool) -> str | None:
+    """Why `noise` can act on nothing in a run, as one line for the record (None when it acts):
+    its calibration-time hooks need a run that computes G or trains under the noise hooks, its
+    evaluation hook needs `eval` in `apply_to`. Such a run is the noise-free one, labelled noisy."""
+    if noise.kind == "none":
+        return None
+    where = set(getattr(getattr(noise, "cfg", None), "apply_to", ("calibration", "eval")))
+    during = sorted(noise.ACTS_ON & CALIBRATION_HOOKS)
+    if during and "calibration" in where and (computes_g or trains_with_hooks):
+        return None
+    if "evaluation" in noise.ACTS_ON and noise.EVALUATION_PERTURBS and "eval" in where:
+        return None
+    acts = f"it acts on {', '.join(during)} while G is computed or under training noise hooks" if during else \
+        "it acts at evaluation only"
+    return (f"noise={noise.kind} has nothing to act on in this run ({acts}; method {method} computes no G and "
+            f"nothing trains with noise_hooks): the results are the noise-free ones")
 
 
 def apply_to(value: Any, key: str, allowed: Iterable[str] = ("calibration", "eval")) -> tuple[str, ...]:

@@ -118,6 +118,7 @@ class GradientNoise(NoiseModel):
 
     kind = "gradient"
     ACTS_ON = frozenset({"gradient_rows", "evaluation"})
+    EVALUATION_PERTURBS = False  # evaluate only reports the measured SNR of the rows it noised
 
     def __init__(self, cfg: Config):
         self.cfg = cfg.validate()
