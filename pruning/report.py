@@ -475,8 +475,11 @@ def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str
                      f"{mark}{pub:.2f}", f"{ours - pub:+.2f}", gain])
     if not rows:
         return None
-    head = (f"Published ({table.tag}): {table.source}" + (f"; {table.note}" if table.note else "")
-            + ". Accuracy in percent; the last column is each method's gain over magnitude pruning, ours / "
+    variant = str(key.get("variant") or "").strip()
+    caveat = (f" Caveat: these runs change the study's settings (`{variant}`), so they follow the published "
+              f"protocol only if those changes are part of it." if variant else "")
+    head = (f"Published ({table.tag}): {table.source}" + (f"; {table.note}" if table.note else "") + "." + caveat
+            + " Accuracy in percent; the last column is each method's gain over magnitude pruning, ours / "
               "published, which a different test set shifts less than the accuracies themselves:")
     return head + "\n\n" + markdown_table(["sparsity", "method", "ours", "published", "ours - published",
                                             "gain over magnitude"], rows, "llrrrr")

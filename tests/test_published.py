@@ -80,3 +80,9 @@ def test_a_variant_without_repair_keeps_the_published_column():
     for variant in ("finetune=none", "model.prunable=x finetune=none"):
         md = render_markdown(to_frame([_row("magnitude", 0.9, 0, 0.9, variant=variant)]))
         assert "Published (verified)" in md, variant
+
+
+def test_a_setting_that_changes_the_study_carries_a_caveat():
+    md = render_markdown(to_frame([_row("magnitude", 0.9, 0, 0.9, variant="calibration.num_samples=1000")]))
+    assert "Caveat: these runs change the study's settings (`calibration.num_samples=1000`)" in md
+    assert "Caveat" not in render_markdown(to_frame([_row("magnitude", 0.9, 0, 0.9)]))
