@@ -17,12 +17,13 @@ same Hydra job) re-enters the task in the same run directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,10 @@ def rebuild(cls: type, state: dict[str, Any]) -> Any:
     return obj
 
 
-def job_run_dir(launcher: Any, overrides: Sequence[str], job_num: int) -> Path:
-    """The run directory job `job_num` of the sweep writes to (as Hydra's run_job computes it)."""
+@contextlib.contextmanager
+def job_config(launcher: Any, overrides: Sequence[str], job_num: int) -> Iterator[Any]:
+    """The composed config of job `job_num` of the sweep (hydra node included), with Hydra's
+    singleton set to it while the block runs, so `${hydra:...}` interpolations resolve as in the job."""
     sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
     with open_dict(sweep_config.hydra.job):
         sweep_config.hydra.job.num = job_num
@@ -54,11 +57,59 @@ def job_run_dir(launcher: Any, overrides: Sequence[str], job_num: int) -> Path:
     previous = hc.cfg
     hc.set_config(sweep_config)
     try:
-        sweep_dir = OmegaConf.select(sweep_config, "hydra.sweep.dir")
-        subdir = OmegaConf.select(sweep_config, "hydra.sweep.subdir")
-        return Path(str(sweep_dir)) / str(subdir)
+        yield sweep_config
     finally:
         hc.cfg = previous
+
+
+def _run_dir_of(sweep_config: Any) -> Path:
+    return Path(str(OmegaConf.select(sweep_config, "hydra.sweep.dir"))) / str(
+        OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
+
+
+def job_run_dir(launcher: Any, overrides: Sequence[str], job_num: int) -> Path:
+    """The run directory job `job_num` of the sweep writes to (as Hydra's run_job computes it)."""
+    with job_config(launcher, overrides, job_num) as sweep_config:
+        return _run_dir_of(sweep_config)
+
+
+def presubmit(launcher: Any, job_params: Sequence[tuple]) -> tuple[list[tuple], dict[int, JobReturn]]:
+    """Before anything is queued: every job's config is validated (`pruning.runconfig.validate`; a
+    bad one stops the launch with one line per bad job and exit 2, nothing submitted), and jobs whose
+    run is already completed (with resume on) are not submitted (their JobReturn carries the
+    recorded final accuracy). Returns (jobs to submit, returns of the skipped ones by job number)."""
+    from pruning.errors import ConfigError
+    from pruning.runconfig import validate
+
+    todo: list[tuple] = []
+    skipped: dict[int, JobReturn] = {}
+    errors: list[str] = []
+    for params in job_params:
+        overrides, job_num = params[0], params[2]
+        with job_config(launcher, overrides, job_num) as sweep_config:
+            run_dir = _run_dir_of(sweep_config)
+            cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+            rec = RunRecord.load(run_dir)
+            if cfg.get("resume", True) and rec is not None and rec.status == "completed":
+                ret = JobReturn(overrides=list(overrides), working_dir=str(run_dir), status=JobStatus.COMPLETED)
+                ret.return_value = (rec.data.get("metrics") or {}).get("final_acc")
+                skipped[job_num] = ret
+                continue
+            try:
+                validate(cfg)
+            except ConfigError as exc:
+                errors.append(f"error: job #{job_num} ({' '.join(filter_overrides(overrides))}): {exc}")
+                continue
+        todo.append(params)
+    if errors:
+        for line in errors:
+            print(line, file=sys.stderr, flush=True)
+        print(f"error: {len(errors)} of {len(job_params)} job config(s) are invalid; nothing was submitted",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    if skipped:
+        print(f"{len(skipped)} of {len(job_params)} job(s) already completed: not submitted", flush=True)
+    return todo, skipped
 
 
 def release_dead_lock(run_dir: Path, job_id: str | None) -> bool:
@@ -244,8 +295,9 @@ def wait_with_progress(jobs: Sequence[Any], label: str, interval_s: float,
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     """BaseSubmititLauncher.launch of hydra-submitit-launcher 1.2 (one job array per batch), with
-    `collect` instead of `j.results()[0]`, a line of job counts every `progress_interval_s` while
-    it waits, and batches of at most `max_array_size` jobs per array (submitted in turn)."""
+    `presubmit` first (configs checked, completed runs not queued), `collect` instead of
+    `j.results()[0]`, a line of job counts every `progress_interval_s` while it waits, and batches
+    of at most `max_array_size` jobs per array (submitted in turn)."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
@@ -275,10 +327,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
         job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-    size = int(array_size) if array_size else len(job_params)
-    returns: list[JobReturn] = []
-    for start in range(0, len(job_params), size):
-        chunk = job_params[start:start + size]
+    todo, by_num = presubmit(launcher, job_params)
+    size = int(array_size) if array_size else max(len(todo), 1)
+    for start in range(0, len(todo), size):
+        chunk = todo[start:start + size]
         jobs = executor.map_array(launcher, *zip(*chunk))
         if not jobs:
             continue
@@ -286,5 +338,5 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         print(f"submitted {len(jobs)} job(s) ({launcher._EXECUTOR} {array}); "
               f"logs in {Path(str(params['submitit_folder'])).parent}", flush=True)
         wait_with_progress(jobs, f"{launcher._EXECUTOR} {array}", interval_s)
-        returns += [collect(launcher, job, p[0], p[2]) for job, p in zip(jobs, chunk)]
-    return returns
+        by_num.update({p[2]: collect(launcher, job, p[0], p[2]) for job, p in zip(jobs, chunk)})
+    return [by_num[p[2]] for p in job_params]  # in the sweeper's order (Optuna pairs them with its trials)

@@ -302,9 +302,13 @@ def test_submitit_local_sweep_survives_a_killed_job_and_the_relaunch_resumes_it(
     assert "1 completed, 1 failed" in out and "finetune.epochs=300" in out
     done = epochs_done()
 
+    jobs_before = set((sweep_dir / ".submitit").glob("[0-9]*"))
     again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "2 completed, 0 failed" in again.stdout
+    # the completed cell is not queued again: one new job, for the killed one
+    assert "1 of 2 job(s) already completed: not submitted" in again.stdout
+    assert len(set((sweep_dir / ".submitit").glob("[0-9]*")) - jobs_before) == 1
     rec = json.loads((long / "result.json").read_text())
     assert rec["status"] == "completed" and rec["attempt"] == 2
     assert rec["resumed_from"].startswith("finetune/") and int(rec["resumed_from"].split("/")[1]) >= done - 1
@@ -328,3 +332,22 @@ def test_a_completed_retry_leaves_no_stale_error_file(make_cfg: Callable[..., An
     assert rec["status"] == "completed" and rec["attempt"] == 2 and rec["error"] is None
     assert not (run_dir / "error.txt").exists()
     assert "disk hiccup" in (run_dir / "error.attempt1.txt").read_text()
+
+
+def test_a_sweep_with_an_invalid_job_config_submits_nothing(tmp_path: Path, session_cache: Path) -> None:
+    """The configs of a submitit sweep are checked before anything is queued: one line per bad job,
+    exit 2, no job (on a cluster the bad cell would otherwise wait in the queue to fail on a node)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "launch.py"), "-m", "cluster=submitit_local", "sweep_name=bad_grid",
+            f"paths.out_root={tmp_path}", f"paths.cache_dir={session_cache}", "progress=false",
+            "sparsity=0.5,1.5", "method=magnitude,woodfisher"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    bad = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: job #")]
+    assert len(bad) == 2 and all("sparsity=1.5" in ln and "[0, 1)" in ln for ln in bad), proc.stderr
+    assert "2 of 4 job config(s) are invalid; nothing was submitted" in proc.stderr
+    assert not list((tmp_path / "sweeps" / "bad_grid").glob(".submitit/*"))
+
