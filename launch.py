@@ -1,4 +1,4 @@
-"""Entry point: `python launch.py [group=option ...] [key=value ...]` (add -m for a sweep).
+"""Entry point: `python3 launch.py [group=option ...] [key=value ...]` (add -m for a sweep).
 
 All logic lives in the importable package (`pruning.task.main`), so Slurm workers unpickle the
 task by reference. Exit status: 0 done; 2 a configuration error (one line on stderr); in a

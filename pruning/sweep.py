@@ -188,7 +188,7 @@ def relaunch_command(cfg: DictConfig) -> str | None:
                 main_dir = Path(str(src.path))
             elif src.get("provider") == "command-line" and src.get("schema") == "file":
                 cli_dir = Path(str(src.path))
-        args = ["python"]
+        args = ["python3"]
         launch = main_dir.parent / "launch.py" if main_dir is not None else None
         args.append(str(launch) if launch is not None and launch.is_file() else "launch.py")
         args.append("-m")

@@ -292,8 +292,12 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (d / "text.pt").write_text("epoch: 25\naccuracy: 93.97\n")
     (d / "directory.pt").mkdir()
     torch.save({"epoch": 3, "best_prec1": 91.0}, d / "no_state.pt")
+    legacy = tmp_path / "legacy.pt"  # the pre-1.6 format (a bare pickle stream), as old checkpoints are
+    torch.save(build_model({"name": "mlp"}, bundle((64,), 10)).state_dict(), legacy, _use_new_zipfile_serialization=False)
+    (d / "truncated_legacy.pt").write_bytes(legacy.read_bytes()[: legacy.stat().st_size // 2])
     return {"empty": (d / "empty.pt", "is empty"),
-            "truncated": (d / "truncated.pt", "cannot be read as a checkpoint"),
+            "truncated": (d / "truncated.pt", "is truncated"),
+            "truncated_legacy": (d / "truncated_legacy.pt", "is truncated"),
             "text": (d / "text.pt", "is not a PyTorch checkpoint"),
             "directory": (d / "directory.pt", "is a directory"),
             "missing": (d / "missing.pt", "does not exist"),

@@ -186,7 +186,7 @@ def test_failed_and_missing_from_multirun_yaml(sweep_dir):
     (missing,) = status.missing
     assert missing.overrides == ["method=magnitude", "sparsity=0.9", "noise.kappa=2", "noise=gradient", "seed=2"]
     assert missing.run_dir == sweep_dir / "method=magnitude,noise.kappa=2,noise=gradient,sparsity=0.9" / "seed=2"
-    assert status.relaunch == "cd /project && python launch.py -m -cd /project/sweeps -cn synth noise=gradient 'seed=range(3)'"
+    assert status.relaunch == "cd /project && python3 launch.py -m -cd /project/sweeps -cn synth noise=gradient 'seed=range(3)'"
     report_sweep(sweep_dir, plots=False)
     lines = (sweep_dir / "report" / "missing.txt").read_text().splitlines()
     assert "method=swap sparsity=0.9 noise.kappa=2 noise=gradient seed=2  # failed" in lines

@@ -190,6 +190,8 @@ def _unreadable(path: Path, exc: BaseException) -> ConfigError:
     detail = (text.splitlines() or [""])[0]
     detail = detail[:120] + ("..." if len(detail) > 120 else "")
     why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if isinstance(exc, EOFError) or any(w in text.lower() for w in ("truncated", "unexpected eof")):  # cut short
+        return ConfigError(CHECKPOINT_KEY, str(path), ALLOWED_FILE, f"is truncated ({why}): an incomplete copy?")
     return ConfigError(CHECKPOINT_KEY, str(path), ALLOWED_FILE, f"cannot be read as a checkpoint ({why})")
 
 
@@ -211,6 +213,12 @@ def safe_torch_load(path: str | Path) -> Any:
     if not _torch_format(data):
         raise ConfigError(CHECKPOINT_KEY, str(path), ALLOWED_FILE,
                           f"is not a PyTorch checkpoint (starts with {data[:12]!r})")
+    # a zip archive ends with its end-of-central-directory record (22 bytes + a comment of < 64 KiB);
+    # without it the file was cut short, and torch's reader fails with an unhelpful IndexError
+    if data.startswith(_ZIP_MAGIC) and b"PK\x05\x06" not in data[-(22 + 65535):]:
+        raise ConfigError(CHECKPOINT_KEY, str(path), ALLOWED_FILE,
+                          f"is truncated ({len(data)} bytes of a zip archive without its end record: "
+                          f"an incomplete copy or download?)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols: keep the error one line
