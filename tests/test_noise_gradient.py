@@ -125,11 +125,11 @@ def test_model_record_level_hook_and_measured_nsr():
     model = build({"kind": "gradient", "kappa": 2, "fraction": 0.25})
     assert model.kind == "gradient" and model.level == 2.0
     rec = model.record()
-    assert rec["kappa"] == 2.0 and rec["p"] == 0.25
+    assert rec["kappa"] == 2.0 and rec["fraction"] == 0.25
     assert rec["snr_db"] == pytest.approx(-10 * math.log10(0.25 * 4)) == snr_db(2, 0.25)
     assert build({"kind": "gradient", "kappa": 0.0}).record()["snr_db"] == math.inf
     assert build({"kind": "gradient"}).record() == {
-        "kind": "gradient", "kappa": 1.0, "p": 0.1, "snr_db": pytest.approx(10.0),
+        "kind": "gradient", "kappa": 1.0, "fraction": 0.1, "snr_db": pytest.approx(10.0),
         "granularity": "entry", "reference": "per_sample_std"}
     assert model.evaluate(None, None, None, None, torch.device("cpu"), _gen(0)) == {}
     G = _synthetic_G(N=100, d=400).float()

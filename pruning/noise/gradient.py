@@ -61,7 +61,7 @@ class Config:
 def snr_db(kappa: float, p: float) -> float:
     """Implied power SNR in dB, -10 log10(p kappa^2) (+inf without noise)."""
     nsr = p * kappa ** 2
-    return math.inf if nsr <= 0 else -10.0 * math.log10(nsr)
+    return math.inf if nsr <= 0 else -10.0 * math.log10(nsr) + 0.0  # + 0.0: 0 dB, never -0.0
 
 
 def _reference(G: torch.Tensor, reference: str) -> torch.Tensor:
@@ -161,7 +161,8 @@ class GradientNoise(NoiseModel):
 
     def record(self) -> dict[str, Any]:
         c = self.cfg
-        return {"kind": self.kind, "kappa": c.kappa, "p": c.fraction, "snr_db": snr_db(c.kappa, c.fraction),
+        # keys as the config names them (noise.fraction), so a record reads like the command that made it
+        return {"kind": self.kind, "kappa": c.kappa, "fraction": c.fraction, "snr_db": snr_db(c.kappa, c.fraction),
                 "granularity": c.granularity, "reference": c.reference}
 
 
