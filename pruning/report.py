@@ -694,8 +694,12 @@ def _panel(grp: pd.DataFrame, panel: tuple) -> pd.DataFrame:
 
 
 def _suptitle(fig: Any, key: Mapping[str, Any], extra: str = "") -> None:
+    import textwrap
+
     title = f"{key['model']} / {key['dataset']} ({key['schedule']}) {key['variant'] or ''}".strip()
-    fig.suptitle(f"{title}{extra}", fontsize=10)
+    # wrapped: a long variant (e.g. a checkpoint path) would run off both sides of the figure
+    width = max(40, int(fig.get_figwidth() * 12))
+    fig.suptitle("\n".join(textwrap.wrap(f"{title}{extra}", width, break_on_hyphens=False)), fontsize=10)
 
 
 def _panel_figure(panels: Sequence[tuple], sparsities: pd.Series, key: Mapping[str, Any], ylabel: str,
