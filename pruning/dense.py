@@ -69,7 +69,13 @@ def setup(job: RunContext) -> None:
         used = job.recalibrate_bn(examples, "model.bn_recalibrate", derive_seed(0, "dense/bn"), batch)
         job.record.update_metrics(dense_bn_examples=used)
     st.w_dense = get_flat(st.model, st.layout)
-    st.mask = torch.ones(st.layout.numel, dtype=torch.bool, device=st.device)
+    # a weight at exactly zero counts as pruned (as in pruning.noise.analog): a model that arrives
+    # sparse, e.g. a run's model.pt as model.checkpoint, keeps those weights pruned and out of G
+    st.mask = (st.w_dense != 0).to(st.device)
+    zeros = st.layout.numel - int(st.mask.sum())
+    if zeros and cfg.task == "prune" and job.ckpt.state is None:
+        job.record.warn(f"{zeros} of the dense model's {st.layout.numel} prunable weights "
+                        f"({zeros / st.layout.numel:.2%}) are exactly zero: they count as pruned and stay zero")
     st.built()
     job.record.update_metrics(numel_prunable=st.layout.numel)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pruning.task import run
 
 
@@ -70,3 +72,19 @@ def test_dense_cache_ignores_keys_that_cannot_change_the_dense_model(make_cfg, t
     assert cache_path(make_cfg("dataset.batch_size=32")) == path
     assert cache_path(make_cfg("model.train.epochs=3")) != path
     assert cache_path(make_cfg("dataset.test_fraction=0.3")) != path
+
+
+def test_a_sparse_checkpoint_keeps_its_pruned_weights_pruned(make_cfg, tmp_path):
+    """A run's model.pt as model.checkpoint: its zeros count as pruned (out of G, never regrown by
+    fine-tuning), and a target below its sparsity prunes nothing more, with a warning, instead of
+    filling the mask with pruned weights picked by index."""
+    first = run(make_cfg("sparsity=0.9"), tmp_path / "first")
+    ckpt = tmp_path / "first" / "model.pt"
+    rec = run(make_cfg(f"model.checkpoint={ckpt}", "method=woodfisher", "sparsity=0.5", "finetune=short",
+                       "finetune.epochs=1"), tmp_path / "second")
+    warnings = rec.get("warnings", [])
+    assert any("are exactly zero: they count as pruned" in w for w in warnings), warnings
+    assert any("keeps more weights than the" in w and "stay pruned" in w for w in warnings), warnings
+    # after fine-tuning: still the first run's 90 %, on the same support
+    assert rec["metrics"]["nnz_prunable"] == first["metrics"]["nnz_prunable"]
+    assert rec["metrics"]["sparsity_prunable"] == pytest.approx(first["metrics"]["sparsity_prunable"])
