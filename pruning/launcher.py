@@ -74,42 +74,51 @@ def job_run_dir(launcher: Any, overrides: Sequence[str], job_num: int) -> Path:
 
 
 def presubmit(launcher: Any, job_params: Sequence[tuple]) -> tuple[list[tuple], dict[int, JobReturn]]:
-    """Before anything is queued: every job's config is validated (`pruning.runconfig.validate`; a
-    bad one stops the launch with one line per bad job and exit 2, nothing submitted), and jobs whose
-    run is already completed (with resume on) are not submitted (their JobReturn carries the
-    recorded final accuracy). Returns (jobs to submit, returns of the skipped ones by job number)."""
+    """Before anything is queued, per job: a run already completed (with resume on) is not submitted
+    (its JobReturn carries the recorded final accuracy), and a config that fails validation
+    (`pruning.runconfig.validate`) is not either: it is recorded as failed in its run directory, as
+    the job would have done on a node, with its one line on stderr (with `fail_fast=true` the launch
+    stops instead, nothing submitted). Returns (jobs to submit, returns of the others by job number)."""
     from pruning.errors import ConfigError
     from pruning.runconfig import validate
+    from pruning.task import run
 
     todo: list[tuple] = []
-    skipped: dict[int, JobReturn] = {}
-    errors: list[str] = []
+    done: dict[int, JobReturn] = {}
+    skipped = invalid = 0
+    fail_fast = bool(launcher.config.get("fail_fast", False))
     for params in job_params:
         overrides, job_num = params[0], params[2]
         with job_config(launcher, overrides, job_num) as sweep_config:
             run_dir = _run_dir_of(sweep_config)
             cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
             rec = RunRecord.load(run_dir)
+            ret = JobReturn(overrides=list(overrides), working_dir=str(run_dir), status=JobStatus.COMPLETED)
             if cfg.get("resume", True) and rec is not None and rec.status == "completed":
-                ret = JobReturn(overrides=list(overrides), working_dir=str(run_dir), status=JobStatus.COMPLETED)
                 ret.return_value = (rec.data.get("metrics") or {}).get("final_acc")
-                skipped[job_num] = ret
+                done[job_num], skipped = ret, skipped + 1
                 continue
             try:
                 validate(cfg)
             except ConfigError as exc:
-                errors.append(f"error: job #{job_num} ({' '.join(filter_overrides(overrides))}): {exc}")
+                print(f"error: job #{job_num} ({' '.join(filter_overrides(overrides))}): {exc}", file=sys.stderr,
+                      flush=True)
+                if fail_fast:
+                    raise SystemExit(2) from None
+                try:  # the task's own path records it (it fails in the same check, before any work)
+                    run(cfg, run_dir, list(sweep_config.hydra.overrides.task))
+                except ConfigError:
+                    pass
+                ret.return_value = None
+                done[job_num], invalid = ret, invalid + 1
                 continue
         todo.append(params)
-    if errors:
-        for line in errors:
-            print(line, file=sys.stderr, flush=True)
-        print(f"error: {len(errors)} of {len(job_params)} job config(s) are invalid; nothing was submitted",
-              file=sys.stderr, flush=True)
-        raise SystemExit(2)
     if skipped:
-        print(f"{len(skipped)} of {len(job_params)} job(s) already completed: not submitted", flush=True)
-    return todo, skipped
+        print(f"{skipped} of {len(job_params)} job(s) already completed: not submitted", flush=True)
+    if invalid:
+        print(f"{invalid} of {len(job_params)} job(s) failed on their config: not submitted (recorded as failed)",
+              flush=True)
+    return todo, done
 
 
 def release_dead_lock(run_dir: Path, job_id: str | None) -> bool:

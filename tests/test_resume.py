@@ -334,20 +334,24 @@ def test_a_completed_retry_leaves_no_stale_error_file(make_cfg: Callable[..., An
     assert "disk hiccup" in (run_dir / "error.attempt1.txt").read_text()
 
 
-def test_a_sweep_with_an_invalid_job_config_submits_nothing(tmp_path: Path, session_cache: Path) -> None:
-    """The configs of a submitit sweep are checked before anything is queued: one line per bad job,
-    exit 2, no job (on a cluster the bad cell would otherwise wait in the queue to fail on a node)."""
+def test_an_invalid_job_config_is_recorded_without_being_submitted(tmp_path: Path, session_cache: Path) -> None:
+    """The configs of a submitit sweep are checked before anything is queued: a bad cell is recorded
+    as failed on the spot (on a cluster it would otherwise wait in the queue to fail on a node), the
+    good ones run, and the exit status says a config failed."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     args = [sys.executable, str(root / "launch.py"), "-m", "cluster=submitit_local", "sweep_name=bad_grid",
             f"paths.out_root={tmp_path}", f"paths.cache_dir={session_cache}", "progress=false",
-            "sparsity=0.5,1.5", "method=magnitude,woodfisher"]
+            "calibration.num_samples=32", "sparsity=0.5,1.5", "method=magnitude,woodfisher",
+            "hydra.callbacks.report.enabled=false"]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     bad = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: job #")]
     assert len(bad) == 2 and all("sparsity=1.5" in ln and "[0, 1)" in ln for ln in bad), proc.stderr
-    assert "2 of 4 job config(s) are invalid; nothing was submitted" in proc.stderr
-    assert not list((tmp_path / "sweeps" / "bad_grid").glob(".submitit/*"))
-
+    assert "2 of 4 job(s) failed on their config: not submitted (recorded as failed)" in proc.stdout
+    assert "submitted 2 job(s) (local " in proc.stdout
+    records = [json.loads(p.read_text()) for p in (tmp_path / "sweeps" / "bad_grid").rglob("result.json")]
+    assert sorted((r["index"]["sparsity"], r["status"], r.get("error_type")) for r in records) == [
+        (0.5, "completed", None), (0.5, "completed", None), (1.5, "failed", "config"), (1.5, "failed", "config")]
