@@ -36,14 +36,15 @@ def prune_step(job: RunContext, sparsity: float, stage: int, num_stages: int, w_
                              generator=generator(int(job.cfg.seed), f"method/{stage}"), stage=stage,
                              num_stages=num_stages, progress=job.progress, loss=job.masked_loss)
     result = methods.get(name).prune(problem, sparsity, job.method_config())
-    # a pruning step never revives a weight pruned before: when the target keeps more weights than
-    # are left, a top-k fills the mask with pruned ones picked by index, which training would regrow
-    revived = result.mask.to(st.mask.device) & ~st.mask
-    if bool(revived.any()):
+    # when the target keeps more weights than are left, a top-k fills the mask with pruned weights
+    # picked by index, still at zero, which training would regrow: they stay pruned. A pruned weight
+    # the method gives a value (lr/swap anchored at the dense weights in the SWAP protocol) is its choice.
+    filler = result.mask.to(st.mask.device) & ~st.mask & (result.w.to(st.mask.device) == 0)
+    if bool(filler.any()):
         job.record.warn(f"stage {stage}: the target sparsity {sparsity:g} keeps more weights than the "
-                        f"{int(st.mask.sum())} left; the {int(revived.sum())} pruned ones the method kept stay pruned "
-                        f"(sparsity {1 - int(st.mask.sum()) / st.layout.numel:.4f})")
-        result.mask = result.mask & st.mask.to(result.mask.device)
+                        f"{int(st.mask.sum())} left; the {int(filler.sum())} pruned ones the method kept at zero "
+                        f"stay pruned")
+        result.mask = result.mask & ~filler.to(result.mask.device)
     set_flat(st.model, st.layout, result.w * result.mask)
     st.mask = result.mask.to(st.device)
     apply_mask(st.model, st.layout, st.mask)
