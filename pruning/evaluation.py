@@ -71,8 +71,10 @@ def summary(job: RunContext) -> str:
         "",
         f"run      {job.run_dir}",
         f"device   {data['env'].get('device', '-')}",
-        f"cell     model={ix['model']} dataset={ix['dataset']} method={ix['method']} "
-        f"schedule={ix['schedule']} noise={ix['noise']}({f(ix['noise_level'])}) seed={ix['seed']}",
+        # task=train trains the dense model only: method, schedule and noise play no part
+        f"cell     model={ix['model']} dataset={ix['dataset']} task=train seed={ix['seed']}" if job.cfg.task == "train"
+        else f"cell     model={ix['model']} dataset={ix['dataset']} method={ix['method']} "
+             f"schedule={ix['schedule']} noise={ix['noise']}({f(ix['noise_level'])}) seed={ix['seed']}",
     ]
     if job.cfg.task == "train":
         lines.append(f"dense    acc {f(m.get('dense_acc'))}  loss {f(m.get('dense_loss'))}")

@@ -70,9 +70,12 @@ def test_save_model_false_writes_no_model_and_keeps_run_identity(make_cfg, tmp_p
     assert "model_file" not in _record(run_dir)
 
 
-def test_task_train_saves_dense_model_usable_as_checkpoint(make_cfg, tmp_path):
+def test_task_train_saves_dense_model_usable_as_checkpoint(make_cfg, tmp_path, caplog):
     train_dir = tmp_path / "train"
-    rec = run(make_cfg(FAST, "task=train"), train_dir)
+    with caplog.at_level("INFO"):
+        rec = run(make_cfg(FAST, "task=train"), train_dir)
+    cell = next(r.getMessage() for r in caplog.records if "cell     " in r.getMessage())
+    assert "task=train" in cell and "method=" not in cell  # no pruning method played a part
     assert (train_dir / "checkpoint.pt").is_file()  # as before
     blob = torch.load(train_dir / "model.pt", weights_only=True)
     assert blob["mask"] is None and blob["meta"]["task"] == "train"
