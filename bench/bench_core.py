@@ -1,6 +1,6 @@
 """Core benchmark of issue 4A: the gradient matrix G and the WoodFisher block inverse, on CPU.
 
-    python3 bench/bench_core.py            # N = 1000, B = 2000 (several minutes on 2 cores)
+    python3 bench/bench_core.py            # N = 1000, B = 2000 (about a minute on 2 cores)
     python3 bench/bench_core.py --quick    # smoke variant (N = 64, B = 256)
 
 For MLPNet 784-40-20-10 (no bias) and ResNet-20 (the public CIFAR-10 checkpoint from
@@ -10,7 +10,7 @@ For MLPNet 784-40-20-10 (no bias) and ResNet-20 (the public CIFAR-10 checkpoint 
            w.r.t. the prunable weights (what one mini-batch gradient costs: the lower bound)
   G        `compute_gradient_matrix` (vmap of grad of functional_call, rows written into blocks)
   G torchBN  the same with eval-mode BatchNorm left to torch under vmap (what the affine fast
-           path `pruning.gradients.affine_batchnorm` saves)
+           path `pruning.gradients.compute.affine_batchnorm` saves)
   vmap     the same vmap pass with every chunk of rows dropped instead of stored: G minus
            materialising it (page faults of N x p fresh floats and the copy into the blocks)
   stream   the same in `stream` mode (one pass per tensor into memory-mapped files)
@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from benchlib import RESNET20_CHECKPOINT, PeakRSS  # sibling module of this script
 from torch import nn
 
-from pruning import gradients
+from pruning.calibration import TensorRows
 from pruning.fisher import BlockInverse, fisher_inverse_rank1
+from pruning.gradients import compute as grad_compute
 from pruning.gradients import compute_gradient_matrix
 from pruning.layout import ParamLayout, get_params, make_layout
 
@@ -105,12 +106,13 @@ def resnet20() -> tuple[nn.Module, tuple[int, ...], str] | None:
 def torch_batchnorm() -> Any:
     """Inside: G's builder leaves eval-mode BatchNorm to torch (no affine fast path), to show
     what `pruning.gradients.affine_batchnorm` saves, side by side."""
-    saved = gradients.affine_batchnorm
-    gradients.affine_batchnorm = lambda model: contextlib.nullcontext([])
+    # patched where G's builder looks it up (pruning.gradients.compute), not the package re-export
+    saved = grad_compute.affine_batchnorm
+    grad_compute.affine_batchnorm = lambda model: contextlib.nullcontext([])
     try:
         yield
     finally:
-        gradients.affine_batchnorm = saved
+        grad_compute.affine_batchnorm = saved
 
 
 def floor(model: nn.Module, layout: ParamLayout, x: torch.Tensor, y: torch.Tensor, chunk: int) -> list[torch.Tensor]:
@@ -145,8 +147,8 @@ def bench_g(name: str, model: nn.Module, shape: tuple[int, ...], n: int, chunk: 
     floor(model, layout, x[:4], y[:4], 4)
     fl = measure(lambda: floor(model, layout, x, y, chunk), repeats)
     gm = measure(lambda: compute_gradient_matrix(model, layout, x, y, chunk_size=chunk), repeats)
-    src = gradients.TensorRows(x, y, 1)
-    vp = measure(lambda: gradients._row_gradients(model, layout, src, layout.names, lambda s, e, g: None,
+    src = TensorRows(x, y, 1)
+    vp = measure(lambda: grad_compute._row_gradients(model, layout, src, layout.names, lambda s, e, g: None,
                                                   chunk_size=chunk, loss_fn=F.cross_entropy, progress=False), repeats)
     with torch_batchnorm():  # the same G with BatchNorm as torch runs it under vmap
         gb = measure(lambda: compute_gradient_matrix(model, layout, x, y, chunk_size=chunk), repeats)

@@ -18,6 +18,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
+failed=0
 step() {  # step NAME SECONDS CMD...: run, keep the log, print its tail and the wall time
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
@@ -26,11 +27,19 @@ step() {  # step NAME SECONDS CMD...: run, keep the log, print its tail and the 
     local rc=$?
     tail -n 40 "$out/$name.log"
     echo "=== $name: exit $rc, wall $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+# without a usable CUDA device every step would fail job by job: stop here with one line
+if ! python3 -c "import sys, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else ''); sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: no CUDA device visible to torch (torch.cuda.is_available() is False); bench/gpu.sh needs a GPU" >&2
+    exit 2
+fi
 step bench_papers "${LIMIT_PAPERS:-240}" python3 bench/bench_papers.py --device cuda
 step reproduce_mlpnet "${LIMIT_MLPNET:-240}" python3 bench/reproduce.py mlpnet --seeds "$seeds" \
     --out "${REPRO_OUT:-/tmp/bench-gpu-runs}" device=cuda progress=false
 step reproduce_resnet20b "${LIMIT_RESNET:-150}" python3 bench/reproduce.py resnet20b --seeds 1 --sparsity 0.5 0.9 \
     --out "${REPRO_OUT:-/tmp/bench-gpu-runs}" device=cuda progress=false
+echo "=== $failed step(s) failed"
+exit $((failed > 0))
