@@ -237,9 +237,14 @@ def check_unknown_keys(overrides: Sequence[str], flags: Mapping[str, str]) -> st
         return None
     keys = [k for k in _flat_keys(OmegaConf.to_container(cfg, resolve=False)) if not k.startswith("hydra")]
     swept_groups = {override_key(ov) for ov in overrides if override_key(ov) in groups and "," in ov}
+    studies = CONF_DIR.parent / "sweeps"
     for ov in todo:
         key, value = override_key(ov), ov.partition("=")[2]
         head = key.split(".")[0]
+        if key in ("experiment", "study", "sweep") and (studies / f"{value}.yaml").is_file():
+            # lightning-hydra-template's `experiment=<name>`: here a study is a primary config
+            return (f"error: {key}={value!r} is not a config key; allowed: studies are selected with "
+                    f"-cd sweeps -cn {value} (python3 launch.py -cd sweeps -cn {value})")
         if ov.startswith("+"):
             if head not in cfg and head not in known_top_level_keys():
                 return f"error: {unknown_key(head, value, keys)}"

@@ -107,6 +107,16 @@ def test_a_key_of_another_option_names_the_option_that_has_it():
     assert "is not a key of noise 'none'" in msg and "noise=gradient noise.kappa=2" in msg
 
 
+def test_an_experiment_override_naming_a_study_points_to_cd_sweeps():
+    """lightning-hydra-template selects experiments with `experiment=<name>`; here a study is a
+    primary config, so the line says how to select it."""
+    from pruning.config import check_unknown_keys
+
+    for ov in ("experiment=smoke", "+experiment=smoke"):
+        assert "-cd sweeps -cn smoke" in check_unknown_keys([ov], {})
+    assert "-cd sweeps" not in check_unknown_keys(["experiment=nosuch"], {})
+
+
 def test_config_names_and_values_hydra_cannot_parse_get_one_line(tmp_path):
     from pruning.config import check_config_name, check_quoted_values
 
