@@ -62,8 +62,9 @@ def setup(job: RunContext) -> None:
     st.model = model.to(st.device)
     examples = dense_bn_examples(cfg)
     # a resumed attempt restores the model's buffers and the record from its saved state right after
-    # setup, so re-estimating here would be thrown away (and would repeat its warning in the record)
-    if examples and cfg.task == "prune" and job.ckpt.state is None:
+    # setup, so re-estimating or warning here would be thrown away (and repeated in the record)
+    fresh_prune = cfg.task == "prune" and job.ckpt.state is None
+    if examples and fresh_prune:
         # the same examples for every run seed: all seeds prune one dense model
         batch = int((cfg.model.get("train") or {}).get("batch_size") or cfg.dataset.get("batch_size", 64))
         used = job.recalibrate_bn(examples, "model.bn_recalibrate", derive_seed(0, "dense/bn"), batch)
@@ -73,7 +74,7 @@ def setup(job: RunContext) -> None:
     # sparse, e.g. a run's model.pt as model.checkpoint, keeps those weights pruned and out of G
     st.mask = (st.w_dense != 0).to(st.device)
     zeros = st.layout.numel - int(st.mask.sum())
-    if zeros and cfg.task == "prune" and job.ckpt.state is None:
+    if zeros and fresh_prune:
         job.record.warn(f"{zeros} of the dense model's {st.layout.numel} prunable weights "
                         f"({zeros / st.layout.numel:.2%}) are exactly zero: they count as pruned and stay zero")
     st.built()

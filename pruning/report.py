@@ -440,7 +440,7 @@ def repairs_pruned_model(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> bo
 
 
 def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str, Any],
-                    metric: str, runs: pd.DataFrame | None = None) -> str | None:
+                    metric: str, runs: pd.DataFrame) -> str | None:
     """Markdown: ours beside the published numbers (`pruning.published`) for a noise-free setting
     whose model, dataset and schedule have a published table; None otherwise, and when the metric
     was measured on a repaired pruned model (`repairs_pruned_model` of the setting's completed
@@ -450,7 +450,7 @@ def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str
 
     if not metric.endswith("acc") or key.get("noise_label") not in ("none", None, ""):
         return None
-    if repairs_pruned_model(runs if runs is not None else pd.DataFrame([dict(key)]), metric):
+    if repairs_pruned_model(runs, metric):
         return None
     table = find_table(key.get("model"), key.get("dataset"), key.get("schedule"))
     if table is None:
