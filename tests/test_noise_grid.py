@@ -159,5 +159,5 @@ def test_a_noise_model_with_nothing_to_act_on_is_named(make_cfg, overrides, idle
 
 def test_the_warning_lands_in_the_record_once(make_cfg, tmp_path):
     rec = run(make_cfg("noise=gradient"), tmp_path / "run")
-    assert [w for w in rec.get("warnings", []) if "nothing to act on" in w] and rec["status"] == "completed"
+    assert len([w for w in rec.get("warnings", []) if "nothing to act on" in w]) == 1 and rec["status"] == "completed"
     assert "gradient/nsr_measured" not in rec["metrics"]
