@@ -28,23 +28,34 @@ def pruned_eval(job: RunContext, target: float) -> None:
     pruned = job.evaluate()
     job.record.update_metrics(pruned_acc=pruned["acc"], pruned_loss=pruned["loss"], **stats)
     job.log({"phase": "pruned", **pruned, **stats})
-    check_sparsity(job.cfg.method.name, target, stats, len(st.layout.names))
+    rule = next((row["sparsity_rule"] for row in reversed(job.record.stages) if row.get("sparsity_rule")), None)
+    miss = check_sparsity(job.cfg.method.name, target, stats, len(st.layout.names), rule)
+    if miss:
+        job.record.warn(miss)
+        job.say(f"warning: {miss}")
 
 
-def check_sparsity(method: str, target: float, stats: dict[str, Any], num_tensors: int) -> None:
+def check_sparsity(method: str, target: float, stats: dict[str, Any], num_tensors: int,
+                   rule: str | None = None) -> str | None:
     """A weight-space method keeps k = floor((1 - s) p) weights (per tensor for layer-wise
     rules), so the achieved sparsity is at least the target minus one weight per prunable
     tensor; exact zeros of the dense model can only raise it. Less is a broken run (e.g. NaN
-    weights that never compare as small). Train-time methods (grda, sdprun: sparsity emerges
-    from the regulariser and is recorded; gfs: channels by its budget) are exempt."""
+    weights that never compare as small) and raises RunCheckError, unless the method declared
+    a `rule` that keeps more on purpose (its stage info `sparsity_rule`, e.g. cbs's
+    `rmp_rounding: reference`): then the miss is returned as a warning for the record.
+    Train-time methods (grda, sdprun: sparsity emerges from the regulariser and is recorded;
+    gfs: channels by its budget) are exempt."""
     if methods.kind(method) == "train":
-        return
+        return None
     achieved, numel = float(stats["sparsity_prunable"]), int(stats["numel_prunable"])
     tol = num_tensors / max(numel, 1) + 1e-9
-    if achieved < target - tol:
-        raise RunCheckError(f"achieved sparsity {achieved:.6f} misses the target sparsity={target} "
-                            f"(tolerance {tol:.2g}: one weight per prunable tensor); "
-                            f"{stats['nnz_prunable']}/{numel} prunable weights are non-zero")
+    if achieved >= target - tol:
+        return None
+    miss = (f"achieved sparsity {achieved:.6f} misses the target sparsity={target}; "
+            f"{stats['nnz_prunable']}/{numel} prunable weights are non-zero")
+    if rule:
+        return f"{miss}, as {method}'s {rule} keeps them: the cell is not at its nominal sparsity"
+    raise RunCheckError(f"{miss} (tolerance {tol:.2g}: one weight per prunable tensor)")
 
 
 def final_eval(job: RunContext) -> None:

@@ -344,6 +344,26 @@ def test_embedded_digits_shares_g_and_beats_magnitude(make_cfg, tmp_path, sessio
     assert accs["cbs"] > accs["magnitude"], accs
 
 
+def test_reference_rounding_completes_with_its_real_sparsity_and_a_warning(make_cfg, tmp_path):
+    """`method.rmp_rounding=reference` keeps more than the target on purpose (the CBS code's
+    per-chunk ceiling): the run completes, the record says how many weights were kept and warns
+    that the cell is not at its nominal sparsity (it used to fail the sparsity check); exact
+    rounding keeps k and declares nothing."""
+    out = {}
+    for rounding in ("reference", "exact"):
+        cfg = make_cfg("method=cbs", "sparsity=0.9", "seed=3", "calibration.num_samples=200",
+                       f"method.rmp_rounding={rounding}", "method.init_trials=2")
+        out[rounding] = run(cfg, tmp_path / rounding)
+    ref, exact = out["reference"], out["exact"]
+    m = ref["metrics"]
+    k = num_kept(m["numel_prunable"], 0.9)
+    assert ref["status"] == "completed" and m["nnz_prunable"] > k
+    assert ref["stages"][-1]["sparsity_rule"] == f"rmp_rounding=reference ({m['nnz_prunable']} weights kept, not {k})"
+    assert [w for w in ref["warnings"] if "not at its nominal sparsity" in w] != []
+    assert exact["metrics"]["nnz_prunable"] == k and "sparsity_rule" not in exact["stages"][-1]
+    assert not [w for w in exact["warnings"] if "nominal sparsity" in w]
+
+
 def test_float32_g_products_are_float64_slab_by_slab(monkeypatch):
     """A float32 G times float64 residuals: computed in float64 slab by slab (numpy would upcast
     the whole block at every pass), equal to the dense float64 products to rounding."""

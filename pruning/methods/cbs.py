@@ -90,7 +90,8 @@ class Config:
     select: str = "phi"
     loss_examples: int = 10000          # training examples scoring a candidate (0 = all: the CBS code on MNIST)
     rmp_rounding: str = "exact"         # exact (every draw keeps k) | reference (the CBS code's per-chunk
-                                        #   ceil: keeps more than k, e.g. 712 instead of 647 on MLPNet at 0.98)
+                                        #   ceil: keeps more than k, e.g. 712 instead of 647 on MLPNet at 0.98;
+                                        #   the run records that sparsity and warns that it is not the target)
 
     def validate(self) -> None:
         validate_settings(self)
@@ -463,6 +464,9 @@ def prune(problem: PruningProblem, sparsity: float, cfg: Config) -> PruneResult:
             "select": select, "best_pass": stats["best_pass"]}
     if score is not None:
         info.update(loss_start=stats["score_init"], loss_selected=stats["score"])
+    kept, wanted = int(mask.sum()), sum(num_kept(len(g), sparsity) for g in groups)
+    if kept > wanted:  # only the reference rounding overshoots: the run's sparsity check is told why
+        info["sparsity_rule"] = f"rmp_rounding=reference ({kept} weights kept, not {wanted})"
     if cache.status:
         info.update(cache.info("gram"))
     return PruneResult(w=new_w.to(device=problem.w.device, dtype=problem.w.dtype),
