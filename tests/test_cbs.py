@@ -5,6 +5,7 @@ on the embedded digits it shares the cached G with WoodFisher and beats magnitud
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -433,3 +434,51 @@ def test_starting_set_ranks_magnitude_and_rmp_draws():
     np.testing.assert_array_equal(seen[0], mag)
     best, start = starting_set(w, groups, 0.9, cfg, seed=3, rank=lambda p: 0.0)  # ties: the first
     assert start == "magnitude"
+
+
+def test_reference_draws_are_the_cbs_codes_starts():
+    """`rmp_draws: reference` with `rmp_rounding: reference` rebuilds the CBS code's mag_perb starts
+    (`constructive_greedy_prune_one_iter(itr)`, written out here as that code does it: the global
+    numpy state seeded with itr, one shuffle of all indices, chunks of ceil(p / n_c) keeping
+    ceil(chunk (1 - s)) each, the last chunk what is left of int(p (1 - s))). The draws do not
+    depend on the run's seed; `rmp_draws: run` does."""
+    from pruning.methods.cbs import Config, starting_set
+
+    p, s = 2000, 0.9
+    w = np.random.default_rng(5).standard_normal(p)
+
+    def cbs_code_draw(itr: int) -> np.ndarray:
+        n_chunk = max(1, min(int(math.sqrt(p)), 1000))
+        size = math.ceil(p / n_chunk)
+        target, per = int(p * (1 - s)), math.ceil(size * (1 - s))
+        state = np.random.get_state()
+        np.random.seed(itr)
+        shf = np.arange(p)
+        np.random.shuffle(shf)
+        np.random.set_state(state)
+        kept: list[int] = []
+        for c in range(n_chunk):
+            b, e = size * c, (size * (c + 1) if c < n_chunk - 1 else p)
+            if c == n_chunk - 1:
+                per = max(0, target - len(kept))
+            chunk = shf[b:e]
+            kept += chunk[np.argsort(-np.abs(w[chunk]))[:per]].tolist()
+        pruned = np.ones(p, dtype=bool)
+        pruned[kept] = False
+        return pruned
+
+    for draws in ("reference", "run"):
+        cfg = Config(init_trials=3, rmp_rounding="reference", rmp_draws=draws)
+        by_seed = []
+        for seed in (0, 7):
+            seen: list[np.ndarray] = []
+            starting_set(w, [np.arange(p)], s, cfg, seed=seed, rank=lambda pr, seen=seen: seen.append(pr.copy()) or 0.0)
+            by_seed.append(seen)
+        if draws == "reference":
+            for itr in (1, 2, 3):
+                np.testing.assert_array_equal(by_seed[0][itr - 1], cbs_code_draw(itr))
+                np.testing.assert_array_equal(by_seed[1][itr - 1], cbs_code_draw(itr))
+        else:
+            assert not np.array_equal(by_seed[0][0], by_seed[1][0])
+    with pytest.raises(ConfigError, match="method.rmp_draws"):
+        methods.make_config("cbs", {"rmp_draws": "numpy"})

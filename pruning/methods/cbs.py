@@ -92,6 +92,10 @@ class Config:
     rmp_rounding: str = "exact"         # exact (every draw keeps k) | reference (the CBS code's per-chunk
                                         #   ceil: keeps more than k, e.g. 712 instead of 647 on MLPNet at 0.98;
                                         #   the run records that sparsity and warns that it is not the target)
+    # RMP draws: run (seeded by the run's seed: every seed draws its own starts) | reference (the CBS
+    # code's: draw t shuffles with numpy's legacy RandomState(t), t = 1..init_trials, the same draws
+    # for every run and seed; with rmp_rounding: reference these are the CBS code's exact starts)
+    rmp_draws: str = "run"
 
     def validate(self) -> None:
         validate_settings(self)
@@ -105,6 +109,7 @@ class Config:
                 "no starting point: init_magnitude is false")
         choice(self.select, "method.select", ("phi", "loss"))
         choice(self.rmp_rounding, "method.rmp_rounding", ("exact", "reference"))
+        choice(self.rmp_draws, "method.rmp_draws", ("run", "reference"))
 
 
 class SwapObjective:
@@ -188,7 +193,11 @@ def objective(G: GradientMatrix, blocks: list[slice], w: np.ndarray, pruned: np.
     return obj.phi(obj.residuals(np.where(pruned, w, 0.0)))
 
 
-def rmp_keep(w_abs: np.ndarray, group: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+# a run's own draws (Generator) or the CBS code's (legacy RandomState, rmp_draws: reference)
+Rng = np.random.Generator | np.random.RandomState
+
+
+def rmp_keep(w_abs: np.ndarray, group: np.ndarray, k: int, rng: Rng) -> np.ndarray:
     """Randomized magnitude pruning over the coordinates `group`: the kept coordinates (exactly k).
 
     Chunk c of n_c = min(floor(sqrt(n)), 1000) random chunks keeps floor(k n_c_len / n) of its
@@ -207,7 +216,7 @@ def rmp_keep(w_abs: np.ndarray, group: np.ndarray, k: int, rng: np.random.Genera
     return np.concatenate(kept)
 
 
-def rmp_keep_reference(w_abs: np.ndarray, group: np.ndarray, sparsity: float, rng: np.random.Generator) -> np.ndarray:
+def rmp_keep_reference(w_abs: np.ndarray, group: np.ndarray, sparsity: float, rng: Rng) -> np.ndarray:
     """RMP as the CBS code rounds it (`constructive_greedy_prune_one_iter`), for reproducing its
     tables: chunks of ceil(n / n_c) coordinates each keep ceil(chunk (1 - s)) of their largest |w|
     and the last chunk keeps what is left of int(n (1 - s)), never below zero. The ceilings make
@@ -407,7 +416,9 @@ def starting_set(w: np.ndarray, groups: list[np.ndarray], sparsity: float, cfg: 
     w_abs = np.abs(w)
     best, best_rank, start = None, math.inf, ""
     for trial in range(-1 if cfg.init_magnitude else 0, cfg.init_trials):  # -1: plain magnitude
-        rng = np.random.default_rng([seed, max(trial, 0)])
+        # the CBS code seeds its global numpy state with the draw's index (mag_perb itr 1, 2, ...)
+        rng = (np.random.RandomState(trial + 1) if cfg.rmp_draws == "reference"
+               else np.random.default_rng([seed, max(trial, 0)]))
         pruned = np.ones(len(w), dtype=bool)
         for g in groups:
             if trial < 0:
