@@ -30,7 +30,8 @@ def pruned_eval(job: RunContext, target: float) -> None:
     job.log({"phase": "pruned", **pruned, **stats})
     rule = next((row["sparsity_rule"] for row in reversed(job.record.stages) if row.get("sparsity_rule")), None)
     miss = check_sparsity(job.cfg.method.name, target, stats, len(st.layout.names), rule)
-    if miss:
+    if miss:  # a number, so the report (local or from W&B) can mark the cell
+        job.record.update_metrics(sparsity_below_target=target - float(stats["sparsity_prunable"]))
         job.record.warn(miss)
         job.say(f"warning: {miss}")
 

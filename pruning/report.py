@@ -485,6 +485,23 @@ def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str
                                             "gain over magnitude"], rows, "llrrrr")
 
 
+def below_target_note(runs: pd.DataFrame) -> str | None:
+    """A line naming the cells whose runs kept more weights than their nominal sparsity allows, on
+    purpose (`sparsity_below_target`, recorded when a method declares such a rule, e.g. cbs with
+    `rmp_rounding: reference`), with the sparsity they reached; None when there are none."""
+    if "sparsity_below_target" not in runs.columns:
+        return None
+    short = runs[pd.to_numeric(runs["sparsity_below_target"], errors="coerce") > 0]
+    if short.empty:
+        return None
+    cells = []
+    for (method, s), grp in short.groupby(["method_label", "sparsity"], sort=True):
+        reached = float(pd.to_numeric(grp["sparsity_prunable"], errors="coerce").mean())
+        cells.append(f"{method} at {_g(s)} reached {reached:.4f} ({len(grp)} run(s))")
+    return ("Not at their nominal sparsity (the method's declared rule keeps more weights; see the runs' "
+            "warnings): " + "; ".join(cells) + ".")
+
+
 def paired_table(paired: pd.DataFrame, confidence: float = 0.95) -> str:
     rows = []
     for r in paired.sort_values(["sparsity", "method_label"]).itertuples():
@@ -550,6 +567,9 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
     for key, grp in summary.groupby(SETTING_COLS + ["noise_level"], dropna=False, sort=True):
         k = dict(zip(SETTING_COLS + ["noise_level"], key))
         out += ["", f"## {_setting_title(k)}", "", comparison_table(grp, _select(dense, k), metric, reference)]
+        short = below_target_note(_select(done, k))
+        if short:
+            out += ["", short]
         published = published_table(grp, _select(dense, k), k, metric, runs=_select(done, k))
         if published:
             out += ["", published]

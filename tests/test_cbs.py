@@ -363,6 +363,14 @@ def test_reference_rounding_completes_with_its_real_sparsity_and_a_warning(make_
     assert [w for w in ref["warnings"] if "not at its nominal sparsity" in w] != []
     assert exact["metrics"]["nnz_prunable"] == k and "sparsity_rule" not in exact["stages"][-1]
     assert not [w for w in exact["warnings"] if "nominal sparsity" in w]
+    below = m["sparsity_below_target"]
+    assert below == pytest.approx(0.9 - m["sparsity_prunable"]) and below > 0
+    assert "sparsity_below_target" not in exact["metrics"]
+    # the report marks the cell with the sparsity it reached (only the reference run)
+    from pruning.report import load_local, render_markdown
+
+    md = render_markdown(load_local(tmp_path))
+    assert f"cbs at 0.9 reached {m['sparsity_prunable']:.4f} (1 run(s))" in md
 
 
 def test_float32_g_products_are_float64_slab_by_slab(monkeypatch):
