@@ -83,6 +83,7 @@ def side_by_side(sweep_dir: Path) -> str:
     """Rows = sparsity, columns = method: ours (mean over seeds, percent) / published."""
     from pruning.published import find_table
     from pruning.report import (
+        below_target_note,
         dense_baseline,
         load_local,
         magnitude_gains,
@@ -133,6 +134,9 @@ def side_by_side(sweep_dir: Path) -> str:
         if "magnitude" in methods and len(methods) > 1:  # a different test split shifts accuracies, not gains
             lines += ["", "gain over magnitude pruning, ours / published (points)", "",
                       markdown_table(["sparsity", *[m for m in methods if m != "magnitude"]], gains)]
+        short = below_target_note(grp)
+        if short:
+            lines += ["", short]
         if times is not None:
             lines += ["", "mean time per run: " + ", ".join(f"{m} {times[m]:.1f}s" for m in methods if m in times)]
         lines.append("")

@@ -89,3 +89,22 @@ def test_side_by_side_puts_no_published_number_beside_a_repaired_variant(monkeyp
     assert "| 0.98 | 50.00 / 55.45 |" in tables["finetune=none"]
     assert "| 0.98 | 50.00 |" in tables["finetune=bn"] and "55.45" not in tables["finetune=bn"]
     assert "no published column" in tables["finetune=bn"]
+
+
+def test_side_by_side_names_cells_below_their_nominal_sparsity(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """CBS with the CBS code's rounding keeps 712 weights at "0.98": the table says which cells
+    reached which sparsity (from the records' sparsity_below_target), and names no other."""
+    import pandas as pd
+
+    import pruning.report
+
+    rows = [{"model": "mlpnet", "dataset": "mnist", "schedule": "oneshot", "noise": "none",
+             "noise_label": "none", "noise_level": 0.0, "variant": "", "method": m, "method_label": m,
+             "sparsity": 0.98, "seed": seed, "status": "completed", "final_acc": acc, "dense_acc": 0.9377,
+             "time_total": 1.0, "sparsity_prunable": reached,
+             "sparsity_below_target": 0.98 - reached if reached < 0.98 else None}
+            for m, acc, reached in (("magnitude", 0.30, 0.98), ("cbs", 0.53, 1 - 712 / 32360))
+            for seed in range(2)]
+    monkeypatch.setattr(pruning.report, "load_local", lambda _: pd.DataFrame(rows))
+    text = _reproduce().side_by_side(tmp_path)
+    assert "cbs at 0.98 reached 0.9780 (2 run(s))" in text and "magnitude at" not in text
