@@ -33,7 +33,6 @@ def pruned_eval(job: RunContext, target: float) -> None:
     if miss:  # a number, so the report (local or from W&B) can mark the cell
         job.record.update_metrics(sparsity_below_target=target - float(stats["sparsity_prunable"]))
         job.record.warn(miss)
-        job.say(f"warning: {miss}")
 
 
 def check_sparsity(method: str, target: float, stats: dict[str, Any], num_tensors: int,
