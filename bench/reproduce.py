@@ -83,11 +83,13 @@ def side_by_side(sweep_dir: Path) -> str:
     """Rows = sparsity, columns = method: ours (mean over seeds, percent) / published."""
     from pruning.published import find_table
     from pruning.report import (
+        OFF_NOMINAL,
         below_target_note,
         dense_baseline,
         load_local,
         magnitude_gains,
         markdown_table,
+        off_nominal_cells,
         repairs_pruned_model,
         summarize,
     )
@@ -105,18 +107,20 @@ def side_by_side(sweep_dir: Path) -> str:
         summary = summarize(grp, "final_acc")
         methods = sorted(set(summary["method_label"]), key=lambda m: (m != "magnitude", m))
         by_gain = magnitude_gains(summary, table)
+        off = off_nominal_cells(grp)
         rows, gains = [], []
         for s, cell in summary.groupby("sparsity"):
             row, gain = [f"{s:g}"], [f"{s:g}"]
             for m in methods:
                 r = cell[cell["method_label"] == m]
+                mark = f" {OFF_NOMINAL}" if (m, float(s)) in off else ""
                 ours = f"{100 * float(r['mean'].iloc[0]):.2f}" if len(r) else "–"
                 pub = table.value(m.split("[", 1)[0], float(s)) if table else None
-                row.append(f"{ours} / {pub:.2f}" if pub is not None else ours)
+                row.append((f"{ours} / {pub:.2f}" if pub is not None else ours) + mark)
                 if m != "magnitude":
                     ours_gain, pub_gain = by_gain.get((float(s), m), (None, None))
                     gain.append("–" if ours_gain is None else f"{ours_gain:+.2f}"
-                                + ("" if pub_gain is None else f" / {pub_gain:+.2f}"))
+                                + ("" if pub_gain is None else f" / {pub_gain:+.2f}") + mark)
             rows.append(row)
             gains.append(gain)
         dense = dense_baseline(grp, "final_acc")

@@ -36,7 +36,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,9 +378,10 @@ def _method_order(methods: Iterable[str], reference: str) -> list[str]:
 
 
 def comparison_table(summary: pd.DataFrame, dense: pd.DataFrame, metric: str,
-                     reference: str = DEFAULT_REFERENCE) -> str:
+                     reference: str = DEFAULT_REFERENCE, off_nominal: Collection[tuple[str, float]] = ()) -> str:
     """Markdown: rows = sparsity, columns = dense baseline + methods; best mean per row in bold.
-    `summary` and `dense` are the rows of one setting from `summarize` / `dense_baseline`."""
+    `summary` and `dense` are the rows of one setting from `summarize` / `dense_baseline`; cells in
+    `off_nominal` (method label, sparsity) get the `OFF_NOMINAL` mark."""
     methods = _method_order(summary["method_label"], reference)
     lower = lower_is_better(metric)
     dense_by_s = {float(r.sparsity): r for r in dense.itertuples()}
@@ -397,6 +398,8 @@ def comparison_table(summary: pd.DataFrame, dense: pd.DataFrame, metric: str,
             text = _cell(r.mean, r.std, r.n) if r is not None else "–"
             if m in means and means[m] == best and len(means) > 1:
                 text = f"**{text}**"
+            if (m, float(sparsity)) in off_nominal:
+                text += f" {OFF_NOMINAL}"
             cells.append(text)
         rows.append(cells)
     return markdown_table(["sparsity", "dense", *methods], rows)
@@ -485,29 +488,44 @@ def published_table(summary: pd.DataFrame, dense: pd.DataFrame, key: Mapping[str
                                             "gain over magnitude"], rows, "llrrrr")
 
 
-def below_target_note(runs: pd.DataFrame) -> str | None:
-    """A line naming the cells whose runs kept more weights than their nominal sparsity allows, on
-    purpose (`sparsity_below_target`, recorded when a method declares such a rule, e.g. cbs with
-    `rmp_rounding: reference`), with the sparsity they reached; None when there are none."""
-    if "sparsity_below_target" not in runs.columns:
-        return None
+# marks a cell (comparison table) or a paired difference whose runs kept more weights than the nominal
+# sparsity allows; `below_target_note` explains it under the table
+OFF_NOMINAL = "†"
+
+
+def off_nominal_cells(runs: pd.DataFrame) -> dict[tuple[str, float], tuple[float, int]]:
+    """(method label, nominal sparsity) -> (mean sparsity reached, runs) for the cells whose runs kept
+    more weights than their nominal sparsity allows, on purpose (`sparsity_below_target`, recorded
+    when a method declares such a rule, e.g. cbs with `rmp_rounding: reference`)."""
+    if runs.empty or "sparsity_below_target" not in runs.columns:
+        return {}
     short = runs[pd.to_numeric(runs["sparsity_below_target"], errors="coerce") > 0]
-    if short.empty:
+    return {(str(method), float(s)): (float(pd.to_numeric(grp["sparsity_prunable"], errors="coerce").mean()), len(grp))
+            for (method, s), grp in short.groupby(["method_label", "sparsity"], sort=True)}
+
+
+def below_target_note(runs: pd.DataFrame) -> str | None:
+    """A line naming the `off_nominal_cells` with the sparsity they reached; None when there are none."""
+    cells = [f"{method} at {_g(s)} reached {reached:.4f} ({n} run(s))"
+             for (method, s), (reached, n) in off_nominal_cells(runs).items()]
+    if not cells:
         return None
-    cells = []
-    for (method, s), grp in short.groupby(["method_label", "sparsity"], sort=True):
-        reached = float(pd.to_numeric(grp["sparsity_prunable"], errors="coerce").mean())
-        cells.append(f"{method} at {_g(s)} reached {reached:.4f} ({len(grp)} run(s))")
-    return ("Not at their nominal sparsity (the method's declared rule keeps more weights; see the runs' "
-            "warnings): " + "; ".join(cells) + ".")
+    return (f"{OFF_NOMINAL} Not at their nominal sparsity (the method's declared rule keeps more weights; see the "
+            "runs' warnings), so a comparison with other methods there is not at equal sparsity: "
+            + "; ".join(cells) + ".")
 
 
-def paired_table(paired: pd.DataFrame, confidence: float = 0.95) -> str:
+def paired_table(paired: pd.DataFrame, confidence: float = 0.95,
+                 off_nominal: Collection[tuple[str, float]] = (), reference: str = DEFAULT_REFERENCE) -> str:
+    """Markdown of `paired_differences`; a difference that involves an `off_nominal_cells` cell (the
+    method's or the reference's) gets the mark after the method."""
     rows = []
     for r in paired.sort_values(["sparsity", "method_label"]).itertuples():
         sig = "" if math.isnan(r.ci_low) else (" *" if r.ci_low > 0 or r.ci_high < 0 else "")
         ci = "–" if math.isnan(r.ci_low) else f"[{_fmt(r.ci_low, sign=True)}, {_fmt(r.ci_high, sign=True)}]{sig}"
-        rows.append([_g(float(r.sparsity)), r.method_label, str(int(r.n)), _fmt(r.mean_diff, sign=True), ci])
+        s = float(r.sparsity)
+        mark = f" {OFF_NOMINAL}" if (r.method_label, s) in off_nominal or (reference, s) in off_nominal else ""
+        rows.append([_g(s), f"{r.method_label}{mark}", str(int(r.n)), _fmt(r.mean_diff, sign=True), ci])
     return markdown_table(["sparsity", "method", "n", "mean diff", f"{confidence:.0%} CI"], rows, "llrrr")
 
 
@@ -566,7 +584,8 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
         out += ["", "No completed runs yet."]
     for key, grp in summary.groupby(SETTING_COLS + ["noise_level"], dropna=False, sort=True):
         k = dict(zip(SETTING_COLS + ["noise_level"], key))
-        out += ["", f"## {_setting_title(k)}", "", comparison_table(grp, _select(dense, k), metric, reference)]
+        off = off_nominal_cells(_select(done, k))
+        out += ["", f"## {_setting_title(k)}", "", comparison_table(grp, _select(dense, k), metric, reference, off)]
         short = below_target_note(_select(done, k))
         if short:
             out += ["", short]
@@ -577,7 +596,7 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
         if not sub.empty:
             out += ["", f"Paired differences vs `{reference}` (same cell and seed: shared calibration "
                         f"data and noise draws); {confidence:.0%} CI over seeds (t), * = excludes 0:",
-                    "", paired_table(sub, confidence)]
+                    "", paired_table(sub, confidence, off, reference)]
         elif len(set(grp["method_label"])) > 1:
             out += ["", f"(no paired differences: reference method `{reference}` has no runs here)"]
     if status_rows:

@@ -371,6 +371,10 @@ def test_reference_rounding_completes_with_its_real_sparsity_and_a_warning(make_
 
     md = render_markdown(load_local(tmp_path))
     assert f"cbs at 0.9 reached {m['sparsity_prunable']:.4f} (1 run(s))" in md
+    # the cell holding the reference run is marked, and the note under the table explains the mark
+    assert md.count("† Not at their nominal sparsity") == 1
+    marked = [line for line in md.splitlines() if line.startswith("| 0.9 |") and line.endswith("† |")]
+    assert len(marked) == 1, md
 
 
 def test_float32_g_products_are_float64_slab_by_slab(monkeypatch):

@@ -141,6 +141,35 @@ def test_golden_numbers_by_hand(sweep_dir):
 
 # ------------------------------------------------------------------ paired
 
+def test_off_nominal_cells_are_marked_in_both_tables_and_explained_once():
+    """A method that kept more weights than the nominal sparsity on purpose (`sparsity_below_target`,
+    e.g. cbs with the CBS code's rounding): its cell and every paired difference that involves it
+    carry the mark; the other cells and sparsities do not; one note under the table explains it."""
+    def row(method: str, seed: int, acc: float, sparsity: float, reached: float | None = None) -> dict:
+        return {"model": "m", "dataset": "d", "method": method, "method_label": method, "schedule": "oneshot",
+                "noise": "none", "noise_level": 0.0, "noise_label": "none", "variant": "",
+                "sparsity": sparsity, "seed": seed, "status": "completed", "final_acc": acc, "run": f"{method}{seed}{sparsity}",
+                "sparsity_prunable": sparsity if reached is None else reached,
+                "sparsity_below_target": None if reached is None else sparsity - reached}
+
+    df = to_frame([row(m, seed, acc + 0.01 * seed, s, reached)
+                   for seed in range(3)
+                   for m, acc, s, reached in (("magnitude", 0.30, 0.98, None), ("cbs", 0.53, 0.98, 0.978),
+                                              ("lr", 0.45, 0.98, None), ("magnitude", 0.80, 0.9, None),
+                                              ("cbs", 0.90, 0.9, None), ("lr", 0.89, 0.9, None))])
+    md = render_markdown(df)
+    lines = md.splitlines()
+    table_98 = next(line for line in lines if line.startswith("| 0.98 | – |"))
+    cells = [c.strip() for c in table_98.strip("|").split("|")]
+    # columns: sparsity, dense, magnitude, cbs (best: bold), lr
+    assert cells[3] == "**0.5400 ± 0.0100 (n=3)** †" and "†" not in cells[2] + cells[4]
+    assert "†" not in next(line for line in lines if line.startswith("| 0.9 | – |"))
+    paired = [line for line in lines if line.startswith(("| 0.98 | cbs", "| 0.98 | lr", "| 0.9 | cbs"))]
+    assert [line.split("|")[2].strip() for line in paired] == ["cbs", "cbs †", "lr"]
+    assert md.count("† Not at their nominal sparsity") == 1
+    assert "cbs at 0.98 reached 0.9780 (3 run(s))" in md
+
+
 def test_paired_ci_matches_hand_computation():
     ci = paired_ci([0.02, 0.04, 0.03])
     assert ci.n == 3

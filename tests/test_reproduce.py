@@ -108,3 +108,7 @@ def test_side_by_side_names_cells_below_their_nominal_sparsity(monkeypatch: pyte
     monkeypatch.setattr(pruning.report, "load_local", lambda _: pd.DataFrame(rows))
     text = _reproduce().side_by_side(tmp_path)
     assert "cbs at 0.98 reached 0.9780 (2 run(s))" in text and "magnitude at" not in text
+    # the off-nominal cell and its gain carry the mark the note explains; magnitude's cell does not
+    row = next(line for line in text.splitlines() if line.startswith("| 0.98 | 30.00"))
+    assert "30.00 / 32.25 |" in row and "53.00 / 55.45 †" in row
+    assert "| 0.98 | +23.00 / +23.20 † |" in text and text.count("†") == 3
