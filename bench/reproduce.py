@@ -138,7 +138,7 @@ def side_by_side(sweep_dir: Path) -> str:
         if "magnitude" in methods and len(methods) > 1:  # a different test split shifts accuracies, not gains
             lines += ["", "gain over magnitude pruning, ours / published (points)", "",
                       markdown_table(["sparsity", *[m for m in methods if m != "magnitude"]], gains)]
-        short = below_target_note(grp)
+        short = below_target_note(off)
         if short:
             lines += ["", short]
         if times is not None:

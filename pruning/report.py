@@ -504,10 +504,10 @@ def off_nominal_cells(runs: pd.DataFrame) -> dict[tuple[str, float], tuple[float
             for (method, s), grp in short.groupby(["method_label", "sparsity"], sort=True)}
 
 
-def below_target_note(runs: pd.DataFrame) -> str | None:
+def below_target_note(off_nominal: Mapping[tuple[str, float], tuple[float, int]]) -> str | None:
     """A line naming the `off_nominal_cells` with the sparsity they reached; None when there are none."""
     cells = [f"{method} at {_g(s)} reached {reached:.4f} ({n} run(s))"
-             for (method, s), (reached, n) in off_nominal_cells(runs).items()]
+             for (method, s), (reached, n) in off_nominal.items()]
     if not cells:
         return None
     return (f"{OFF_NOMINAL} Not at their nominal sparsity (the method's declared rule keeps more weights; see the "
@@ -584,12 +584,13 @@ def render_markdown(df: pd.DataFrame, metric: str = DEFAULT_METRIC, reference: s
         out += ["", "No completed runs yet."]
     for key, grp in summary.groupby(SETTING_COLS + ["noise_level"], dropna=False, sort=True):
         k = dict(zip(SETTING_COLS + ["noise_level"], key))
-        off = off_nominal_cells(_select(done, k))
-        out += ["", f"## {_setting_title(k)}", "", comparison_table(grp, _select(dense, k), metric, reference, off)]
-        short = below_target_note(_select(done, k))
+        runs, dense_k = _select(done, k), _select(dense, k)
+        off = off_nominal_cells(runs)
+        out += ["", f"## {_setting_title(k)}", "", comparison_table(grp, dense_k, metric, reference, off)]
+        short = below_target_note(off)
         if short:
             out += ["", short]
-        published = published_table(grp, _select(dense, k), k, metric, runs=_select(done, k))
+        published = published_table(grp, dense_k, k, metric, runs=runs)
         if published:
             out += ["", published]
         sub = _select(paired, k)

@@ -11,8 +11,9 @@ and the per-block residuals r_b = G_b (w . 1_I)_b). Starting point, as the CBS c
 init: plain magnitude pruning and `init_trials` draws of randomized magnitude pruning (RMP:
 shuffle the coordinates, cut them into n_c = min(sqrt(p), 1000) chunks and keep the largest
 magnitudes of each chunk; `rmp_draws`/`rmp_rounding: reference` make them the CBS code's own
-draws, the same for every seed, and its rounding, which keeps more than k); the candidate with the smallest training loss of the masked network
-(`select: loss`; `phi`: the smallest Phi) starts the search. Local search:
+draws, the same for every seed, and its rounding, which keeps more than k); the candidate with
+the smallest training loss of the masked network (`select: loss`; `phi`: the smallest Phi)
+starts the search. Local search:
 
   alpha_i = w_i (2 F_{i,I} w_I) - F_ii w_i^2     (i in I: Phi(I) - Phi(I \\ i))
   beta_j  = w_j (2 F_{j,I} w_I) + F_jj w_j^2     (j not in I: Phi(I + j) - Phi(I))
