@@ -110,23 +110,30 @@ def digest_path(path: str | os.PathLike) -> Path:
 def verify_digest(path: str | os.PathLike) -> str | None:
     """None when `path` matches the digest written with it, else what is wrong (one short phrase:
     no digest, wrong size, sha256 mismatch, unreadable). Costs one read of the file."""
-    path = Path(path)
+    return _check_digest(Path(path))[0]
+
+
+def _check_digest(path: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(`verify_digest`'s answer, the file's own {"sha256", "bytes"} when it verifies)."""
     try:
         want = json.loads(digest_path(path).read_text())
-        size, sha = int(want["bytes"]), str(want["sha256"])
+        # the file's digest, then the one of the file it replaced (see `atomic_write`)
+        accepted = [(int(d["bytes"]), str(d["sha256"])) for d in (want, *want.get("previous", []))]
     except FileNotFoundError:
-        return f"it has no digest ({digest_path(path).name} is missing)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"its digest {digest_path(path).name} is unreadable ({type(exc).__name__})"
+        return f"it has no digest ({digest_path(path).name} is missing)", None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"its digest {digest_path(path).name} is unreadable ({type(exc).__name__})", None
     try:
         have = path.stat().st_size
-        if have != size:
-            return f"it holds {have} bytes, its digest says {size}"
-        if sha256_file(path) != sha:
-            return "its sha256 does not match its digest"
+        shas = {sha for size, sha in accepted if size == have}
+        if not shas:
+            return f"it holds {have} bytes, its digest says {accepted[0][0]}", None
+        sha = sha256_file(path)
+        if sha not in shas:
+            return "its sha256 does not match its digest", None
     except OSError as exc:
-        return f"it cannot be read ({exc})"
-    return None
+        return f"it cannot be read ({exc})", None
+    return None, {"sha256": sha, "bytes": have}
 
 
 def remove_with_digest(path: str | os.PathLike) -> None:
@@ -143,8 +150,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
     """Call `write(f)` on a temp file in the same directory, fsync it, then rename it over `path`,
     so a reader (or a requeued job) never sees half a file. The file gets the umask's mode.
 
-    digest=True also writes `<path>.sha256` (`verify_digest`) before the rename: a crash between
-    the two leaves a file that fails its check (a miss), never an unchecked one.
+    digest=True also writes `<path>.sha256` (`verify_digest`) before the rename. The sidecar holds
+    the new file's digest and the digest of the file it replaces, so an interruption between the
+    two renames (a preempted job's exit, a kill) leaves the previous file still verifying, never
+    a pair that disagrees (a requeued job then resumes from its previous save instead of starting
+    over) and never an unchecked file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +169,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())  # mkstemp creates 0600: lab-mates on a shared filesystem read records
         if digest:  # one re-read of a file that is still in the page cache
-            info = {"sha256": sha256_file(tmp), "bytes": os.path.getsize(tmp)}
+            info: dict[str, Any] = {"sha256": sha256_file(tmp), "bytes": os.path.getsize(tmp)}
+            current = _check_digest(path)[1] if path.exists() else None
+            if current is not None:  # the file that stays in place until the rename keeps verifying
+                info["previous"] = [current]
             atomic_write(digest_path(path), lambda f: f.write(json.dumps(info) + "\n"))
         os.replace(tmp, path)
     except BaseException as exc:

@@ -321,6 +321,40 @@ def test_sound_stage_state_resumes_and_holds_plain_data(cache: Path, tmp_path: P
     assert _result(rec) == _result(reference["ft"])
 
 
+def test_stop_between_digest_and_state_resumes_from_the_previous_save(
+        cache: Path, tmp_path: Path, reference: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preempted job can exit after the state's new digest is written and before the new state
+    replaces the old one (seen on the real Slurm cluster: "it holds 180973 bytes, its digest says
+    181037", and the requeued job started over). The previous state must still verify, so the
+    run resumes from the save before instead of from scratch."""
+    cfg = _cfg(tmp_path, cache, *FT)
+    replace, save = os.replace, StageCheckpoint.save
+    saving: list[str] = []
+    digests: list[dict[str, Any]] = []
+
+    def save_key(self: StageCheckpoint, state: RunState, key: str, *args: Any) -> None:
+        saving.append(key)
+        save(self, state, key, *args)
+
+    def exit_before_state_rename(src: Any, dst: Any) -> None:
+        if Path(dst).name == "state.pt" and saving[-1] == "finetune/2":
+            digests.append(json.loads(Path(str(dst) + ".sha256").read_text()))
+            raise SystemExit(-1)
+        replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(StageCheckpoint, "save", save_key)
+        m.setattr(record_mod.os, "replace", exit_before_state_rename)
+        with pytest.raises(SystemExit):
+            run(cfg, tmp_path / "run")
+    state = tmp_path / "run" / "ckpt" / "state.pt"
+    assert digests[-1]["sha256"] != record_mod.sha256_file(state)  # the new digest, the old state
+    assert record_mod.verify_digest(state) is None
+    rec = run(cfg, tmp_path / "run")
+    assert rec["resumed_from"] == "finetune/1" and rec["warnings"] == []
+    assert _result(rec) == _result(reference["ft"])
+
+
 def test_shrunk_model_resumes_from_its_state_dict(cache: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A structured method's physically smaller model is saved as its state dict (no pickled
